@@ -1,0 +1,404 @@
+"""Rules: which variable gets which multiplier.
+
+A rule set is an ordered list of ``(selector, value)`` pairs; for each variable
+the first rule whose selector matches wins, and unmatched variables get 1.0.
+This module knows nothing about optimizers: it turns user input into rules,
+resolves rules against variables, and (de)serializes them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import numbers
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import keras
+
+Selector = Union[
+    keras.Layer,
+    keras.Variable,
+    str,
+    "re.Pattern[str]",
+    type,
+    Callable[[keras.Variable], bool],
+    tuple,
+]
+"""Anything that picks variables: see `LayerwiseOptimizer` for the kinds."""
+
+RuleSpec = Union[Mapping[Any, float], Sequence[tuple[Any, float]], None]
+"""An ordered mapping ``{selector: value}`` or a list of ``(selector, value)``."""
+
+
+def variable_path(variable) -> str:
+    """The variable's path (``"block/dense/kernel"``), the name as a fallback."""
+    return getattr(variable, "path", None) or variable.name
+
+
+def _segment_subpaths(path: str) -> list[str]:
+    """Every run of consecutive path segments: ``a/b/c`` -> ``a, a/b, a/b/c, b, ...``."""
+    parts = path.split("/")
+    return [
+        "/".join(parts[i:j])
+        for i in range(len(parts))
+        for j in range(i + 1, len(parts) + 1)
+    ]
+
+
+# --- selectors ---------------------------------------------------------------
+# Each selector answers `matches(variable, layers_of)` where `layers_of(v)`
+# returns the layers that own `v` (needed only by layer-type selectors).
+
+
+class _Selector:
+    needs_layers = False
+
+    def matches(self, variable, layers_of) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def to_config(self) -> dict:
+        """A JSON-able form; selectors bound to live objects keep a description."""
+        return {"unresolvable": self.describe()}
+
+    def own_variables(self):
+        """Variables the selector names directly (layers, variables), else None."""
+        return None
+
+
+class _Glob(_Selector):
+    def __init__(self, pattern: str):
+        if not pattern:
+            raise ValueError("An empty string is not a valid selector.")
+        self.pattern = pattern
+        self._cache: dict[str, bool] = {}
+
+    def matches(self, variable, layers_of):
+        path = variable_path(variable)
+        if path not in self._cache:
+            self._cache[path] = any(
+                fnmatch.fnmatchcase(sub, self.pattern)
+                for sub in _segment_subpaths(path)
+            )
+        return self._cache[path]
+
+    def describe(self):
+        return repr(self.pattern)
+
+    def to_config(self):
+        return {"glob": self.pattern}
+
+
+class _Regex(_Selector):
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+
+    def matches(self, variable, layers_of):
+        return self.pattern.search(variable_path(variable)) is not None
+
+    def describe(self):
+        return f"re.compile({self.pattern.pattern!r})"
+
+    def to_config(self):
+        return {"regex": self.pattern.pattern, "flags": int(self.pattern.flags)}
+
+
+class _LayerInstance(_Selector):
+    def __init__(self, layer: keras.Layer):
+        self.layer = layer
+
+    def own_variables(self):
+        return self.layer.weights
+
+    def matches(self, variable, layers_of):
+        return any(variable is w for w in self.layer.weights)
+
+    def describe(self):
+        return f"layer {self.layer.name!r}"
+
+
+class _VariableInstance(_Selector):
+    def __init__(self, variable):
+        self.variable = variable
+
+    def own_variables(self):
+        return [self.variable]
+
+    def matches(self, variable, layers_of):
+        return variable is self.variable
+
+    def describe(self):
+        return f"variable {variable_path(self.variable)!r}"
+
+
+class _LayerType(_Selector):
+    needs_layers = True
+
+    def __init__(self, layer_type: type):
+        self.layer_type = layer_type
+
+    def matches(self, variable, layers_of):
+        return any(isinstance(layer, self.layer_type) for layer in layers_of(variable))
+
+    def describe(self):
+        return f"type {self.layer_type.__name__}"
+
+    def to_config(self):
+        name = _layer_type_name(self.layer_type)
+        if name is None:  # the saved multipliers still restore it
+            return super().to_config()
+        return {"layer_type": name}
+
+
+class _Predicate(_Selector):
+    def __init__(self, predicate: Callable):
+        self.predicate = predicate
+
+    def matches(self, variable, layers_of):
+        return bool(self.predicate(variable))
+
+    def describe(self):
+        name = getattr(self.predicate, "__qualname__", None) or repr(self.predicate)
+        return f"predicate {name}"
+
+
+class _AnyOf(_Selector):
+    def __init__(self, selectors: tuple[_Selector, ...]):
+        if not selectors:
+            raise ValueError("An empty tuple is not a valid selector.")
+        self.selectors = selectors
+        self.needs_layers = any(s.needs_layers for s in selectors)
+
+    def own_variables(self):
+        parts = [s.own_variables() for s in self.selectors]
+        if any(p is None for p in parts):
+            return None
+        return [v for p in parts for v in p]
+
+    def matches(self, variable, layers_of):
+        return any(s.matches(variable, layers_of) for s in self.selectors)
+
+    def describe(self):
+        return "(" + ", ".join(s.describe() for s in self.selectors) + ")"
+
+    def to_config(self):
+        return {"any": [s.to_config() for s in self.selectors]}
+
+
+class _Unresolvable(_Selector):
+    """A selector restored from a config whose live object could not be saved."""
+
+    def __init__(self, description: str):
+        self.description = description
+
+    def matches(self, variable, layers_of):
+        raise ValueError(
+            f"The rule {self.description} was bound to a live object (a layer, "
+            "variable or function) and cannot be re-applied after loading, and "
+            "the saved per-variable multipliers no longer fit this model. "
+            "Create a new LayerwiseOptimizer with rules for this model."
+        )
+
+    def describe(self):
+        return self.description
+
+
+def _layer_type_name(layer_type: type) -> str | None:
+    """A name that finds the class again on load, or None."""
+    if getattr(keras.layers, layer_type.__name__, None) is layer_type:
+        return layer_type.__name__
+    registered = keras.saving.get_registered_name(layer_type)
+    if keras.saving.get_registered_object(registered) is layer_type:
+        return registered
+    return None
+
+
+def _is_variable(obj) -> bool:
+    if isinstance(obj, keras.Variable):
+        return True
+    # Raw tf.Variables reach us in hand-written TensorFlow loops.
+    return type(obj).__name__ in ("ResourceVariable", "UninitializedVariable")
+
+
+def make_selector(obj) -> _Selector:
+    """Turns user input into a selector, or raises a TypeError naming the kinds."""
+    if isinstance(obj, _Selector):
+        return obj
+    if isinstance(obj, keras.optimizers.Optimizer):
+        raise TypeError(f"An optimizer is not a selector: {obj!r}.")
+    if isinstance(obj, keras.Layer):
+        return _LayerInstance(obj)
+    if _is_variable(obj):
+        return _VariableInstance(obj)
+    if isinstance(obj, str):
+        return _Glob(obj)
+    if isinstance(obj, re.Pattern):
+        return _Regex(obj)
+    if isinstance(obj, type):
+        if issubclass(obj, keras.Layer):
+            return _LayerType(obj)
+        raise TypeError(
+            f"The class {obj.__name__} is not a selector: only subclasses of "
+            "keras.Layer select variables by type."
+        )
+    if isinstance(obj, tuple):
+        return _AnyOf(tuple(make_selector(o) for o in obj))
+    if callable(obj):
+        return _Predicate(obj)
+    raise TypeError(
+        f"Unknown selector {obj!r} of type {type(obj).__name__}. Expected one of: "
+        "a keras.Layer, a keras.Variable, a glob string over variable paths "
+        "(e.g. 'backbone' or '*bias'), a compiled re.Pattern, a keras.Layer "
+        "subclass, a callable(variable) -> bool, or a tuple of these."
+    )
+
+
+def selector_from_config(config: dict) -> _Selector:
+    if "glob" in config:
+        return _Glob(config["glob"])
+    if "regex" in config:
+        return _Regex(re.compile(config["regex"], config.get("flags", 0)))
+    if "layer_type" in config:
+        name = config["layer_type"]
+        layer_type = getattr(keras.layers, name, None) or keras.saving.get_registered_object(name)
+        if layer_type is None:
+            raise ValueError(
+                f"Unknown layer type {name!r} in a saved layerlr rule: import the "
+                "module that registers it before loading."
+            )
+        return _LayerType(layer_type)
+    if "any" in config:
+        return _AnyOf(tuple(selector_from_config(c) for c in config["any"]))
+    if "unresolvable" in config:
+        return _Unresolvable(config["unresolvable"])
+    raise ValueError(f"Unknown saved selector {config!r}.")
+
+
+# --- values ------------------------------------------------------------------
+
+
+def as_multiplier(value, what: str) -> float:
+    """Validates a multiplier value: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{what} must be a finite number >= 0, got {value!r} "
+            f"of type {type(value).__name__}."
+        )
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+    return value
+
+
+# --- rules -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    selector: _Selector
+    value: float
+
+    def describe(self) -> str:
+        return self.selector.describe()
+
+
+def parse_rules(spec: RuleSpec, kind: str) -> tuple[Rule, ...]:
+    """Turns ``{selector: value}`` or ``[(selector, value), ...]`` into rules."""
+    if spec is None:
+        return ()
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    elif isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+        raise TypeError(
+            f"{kind} must be a dict {{selector: multiplier}} or a list of "
+            f"(selector, multiplier) pairs, got {type(spec).__name__}: {spec!r}."
+        )
+    else:
+        items = list(spec)
+        for i, item in enumerate(items):
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(
+                    f"{kind}[{i}] must be a (selector, multiplier) pair, got {item!r}."
+                )
+    rules = []
+    for selector, value in items:
+        sel = make_selector(selector)
+        rules.append(Rule(sel, as_multiplier(value, f"{kind} for {sel.describe()}")))
+    return tuple(rules)
+
+
+def rules_to_config(rules: tuple[Rule, ...]) -> list[dict]:
+    return [{"selector": r.selector.to_config(), "value": r.value} for r in rules]
+
+
+def rules_from_config(config) -> tuple[Rule, ...]:
+    return tuple(
+        Rule(selector_from_config(c["selector"]), as_multiplier(c["value"], "value"))
+        for c in config or ()
+    )
+
+
+def resolve(
+    rules: tuple[Rule, ...],
+    variables: Sequence,
+    kind: str,
+    layers_of: Callable | None = None,
+) -> list[tuple[float, str | None]]:
+    """Per variable: ``(value, description of the winning rule or None)``.
+
+    Raises a ValueError naming the rule when a rule selects nothing.
+    """
+    if layers_of is None and any(r.selector.needs_layers for r in rules):
+        raise ValueError(
+            f"The {kind} rule(s) "
+            + ", ".join(r.describe() for r in rules if r.selector.needs_layers)
+            + " select by layer type, which needs the model's layers. Train through "
+            "model.fit / train_on_batch, or build the optimizer with "
+            "`optimizer.build(model)` before a custom training loop."
+        )
+    result: list[tuple[float, str | None]] = []
+    used = [False] * len(rules)
+    for variable in variables:
+        for i, rule in enumerate(rules):
+            if rule.selector.matches(variable, layers_of):
+                result.append((rule.value, rule.describe()))
+                used[i] = True
+                break
+        else:
+            result.append((1.0, None))
+    for rule, was_used in zip(rules, used):
+        if not was_used:
+            _raise_if_selects_nothing(rule, variables, kind, layers_of)
+    return result
+
+
+def _raise_if_selects_nothing(rule: Rule, variables, kind: str, layers_of) -> None:
+    own = rule.selector.own_variables()
+    if own:
+        # A frozen layer still counts: its multiplier applies once it is unfrozen.
+        return
+    if own is not None:
+        raise ValueError(
+            f"The {kind} rule {rule.describe()} selects no variable: the layer has "
+            "no weights yet. Build the model (call it on data or use "
+            "model.build(input_shape)) before building the optimizer."
+        )
+    paths = [variable_path(v) for v in variables]
+    hint = ""
+    if isinstance(rule.selector, _Glob):
+        candidates = sorted({s for p in paths for s in _segment_subpaths(p)})
+        close = difflib.get_close_matches(rule.selector.pattern, candidates, n=3, cutoff=0.5)
+        if close:
+            hint = " Closest paths: " + ", ".join(repr(c) for c in close) + "."
+    shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
+    raise ValueError(
+        f"The {kind} rule {rule.describe()} matches none of the {len(paths)} "
+        f"trainable variables ({shown}).{hint} Fix the selector or remove the rule; "
+        "to target a frozen layer, select it by the layer object."
+    )
