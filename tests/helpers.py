@@ -62,6 +62,8 @@ def group_optimizer(opt_class, kwargs, lr_mult, decay_mult):
     lr = kw.get("learning_rate", opt_class().learning_rate)
     if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
         kw["learning_rate"] = ScaledSchedule(lr, lr_mult)
+    elif callable(lr):
+        kw["learning_rate"] = lambda: lr() * lr_mult
     else:
         kw["learning_rate"] = float(np.float32(float(lr)) * np.float32(lr_mult))
     for key in ("weight_decay", "adam_weight_decay"):

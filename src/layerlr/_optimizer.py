@@ -79,6 +79,19 @@ def _tracking_on():
         global_state.set_global_attribute("tracking_on", previous)
 
 
+def _not_autograph(method):
+    """Keeps AutoGraph out of our Python-only logic inside a user's tf.function.
+
+    AutoGraph converts methods of non-Keras classes it meets in a traced step;
+    ours only branch on Python values, so conversion would only add warnings.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return method
+    import tensorflow as tf
+
+    return tf.autograph.experimental.do_not_convert(method)
+
+
 def _check_inner(optimizer) -> keras.optimizers.Optimizer:
     if isinstance(optimizer, (str, dict)):
         optimizer = keras.optimizers.get(optimizer)
@@ -239,6 +252,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # --- building: resolve rules, build the inner optimizer, install the hook --
 
+    @_not_autograph
     def build(self, var_list):
         """Builds on ``var_list``, or on a model's trainable variables.
 
@@ -345,6 +359,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # --- delegation to the inner optimizer ---------------------------------
 
+    @_not_autograph
     def apply(self, grads, trainable_variables=None):
         if not self.built:
             if trainable_variables is None:
@@ -357,6 +372,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
         self.inner_optimizer.apply(grads, trainable_variables)
 
+    @_not_autograph
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables)
