@@ -19,10 +19,11 @@ def fit_pair(opt_class, kwargs, reference=None, epochs=2, callbacks=(), ref_call
     x, y = data()
     opt = wrapped(opt_class, kwargs)
     model.compile(optimizer=opt, loss="mse", **compile_kwargs)
-    ref_model.compile(
-        optimizer=reference or reference_optimizer(opt_class, kwargs, hand_multipliers),
-        loss="mse", **compile_kwargs,
-    )
+    reference = reference or reference_optimizer(opt_class, kwargs, hand_multipliers)
+    # Built here, not inside LossScaleOptimizer.build, whose disabled tracking
+    # would drop Nadam's u_product from the reference's state (a Keras bug).
+    reference.build(ref_model.trainable_variables)
+    ref_model.compile(optimizer=reference, loss="mse", **compile_kwargs)
     model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=list(callbacks))
     ref_model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=list(ref_callbacks))
     return model, ref_model, opt

@@ -12,12 +12,12 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import keras
 
 from layerlr import _hooks, _rules
-from layerlr._rules import RuleSpec
+from layerlr._rules import Multiplier, RuleSpec
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,19 @@ class VariableMultipliers:
     """
 
     path: str
-    lr_mult: float
-    decay_mult: float
+    lr_mult: Multiplier
+    decay_mult: Multiplier
     lr_rule: str | None
     decay_rule: str | None
+
+    def to_config(self) -> dict:
+        return {
+            "path": self.path,
+            "lr_mult": _rules.multiplier_to_config(self.lr_mult),
+            "decay_mult": _rules.multiplier_to_config(self.decay_mult),
+            "lr_rule": self.lr_rule,
+            "decay_rule": self.decay_rule,
+        }
 
 
 class _State:
@@ -332,7 +341,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             changed = [
                 f.path
                 for f, e in zip(fresh, entries)
-                if (f.lr_mult, f.decay_mult) != (e.lr_mult, e.decay_mult)
+                if _multiplier_configs(f) != _multiplier_configs(e)
             ]
             reason = f"they now give other multipliers for {changed[:3]}" if changed else None
         if reason:
@@ -437,7 +446,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
             "lr_mult": _rules.rules_to_config(state.lr_rules),
             "decay_mult": _rules.rules_to_config(state.decay_rules),
-            "saved_multipliers": None if entries is None else [asdict(e) for e in entries],
+            "saved_multipliers": None if entries is None else [e.to_config() for e in entries],
         }
 
     @classmethod
@@ -467,13 +476,17 @@ def _saved_from_config(saved) -> tuple[VariableMultipliers, ...] | None:
     return tuple(
         VariableMultipliers(
             path=str(e["path"]),
-            lr_mult=_rules.as_multiplier(e["lr_mult"], f"saved lr_mult of {e['path']}"),
-            decay_mult=_rules.as_multiplier(e["decay_mult"], f"saved decay_mult of {e['path']}"),
+            lr_mult=_rules.multiplier_from_config(e["lr_mult"], f"saved lr_mult of {e['path']}"),
+            decay_mult=_rules.multiplier_from_config(e["decay_mult"], f"saved decay_mult of {e['path']}"),
             lr_rule=e.get("lr_rule"),
             decay_rule=e.get("decay_rule"),
         )
         for e in saved
     )
+
+
+def _multiplier_configs(entry: VariableMultipliers):
+    return _rules.multiplier_to_config(entry.lr_mult), _rules.multiplier_to_config(entry.decay_mult)
 
 
 def _same_variable_path(saved: str, current: str) -> bool:

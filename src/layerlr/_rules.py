@@ -282,18 +282,36 @@ def selector_from_config(config: dict) -> _Selector:
 
 # --- values ------------------------------------------------------------------
 
+Multiplier = Union[float, keras.optimizers.schedules.LearningRateSchedule]
+"""A multiplier: a number, or a schedule of the optimizer step evaluated in-graph."""
 
-def as_multiplier(value, what: str) -> float:
-    """Validates a multiplier value: a finite number >= 0."""
+
+def as_multiplier(value, what: str) -> Multiplier:
+    """Validates a multiplier: a finite number >= 0, or a LearningRateSchedule."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
-            f"{what} must be a finite number >= 0, got {value!r} "
-            f"of type {type(value).__name__}."
+            f"{what} must be a finite number >= 0 or a "
+            "keras.optimizers.schedules.LearningRateSchedule (see layerlr.schedules), "
+            f"got {value!r} of type {type(value).__name__}."
         )
     value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
     return value
+
+
+def multiplier_to_config(value: Multiplier):
+    if isinstance(value, float):
+        return value
+    return {"schedule": keras.saving.serialize_keras_object(value)}
+
+
+def multiplier_from_config(config, what: str) -> Multiplier:
+    if isinstance(config, dict) and "schedule" in config:
+        config = keras.saving.deserialize_keras_object(config["schedule"])
+    return as_multiplier(config, what)
 
 
 # --- rules -------------------------------------------------------------------
@@ -302,7 +320,7 @@ def as_multiplier(value, what: str) -> float:
 @dataclass(frozen=True)
 class Rule:
     selector: _Selector
-    value: float
+    value: Multiplier
 
     def describe(self) -> str:
         return self.selector.describe()
@@ -334,12 +352,15 @@ def parse_rules(spec: RuleSpec, kind: str) -> tuple[Rule, ...]:
 
 
 def rules_to_config(rules: tuple[Rule, ...]) -> list[dict]:
-    return [{"selector": r.selector.to_config(), "value": r.value} for r in rules]
+    return [
+        {"selector": r.selector.to_config(), "value": multiplier_to_config(r.value)}
+        for r in rules
+    ]
 
 
 def rules_from_config(config) -> tuple[Rule, ...]:
     return tuple(
-        Rule(selector_from_config(c["selector"]), as_multiplier(c["value"], "value"))
+        Rule(selector_from_config(c["selector"]), multiplier_from_config(c["value"], "value"))
         for c in config or ()
     )
 
@@ -349,7 +370,7 @@ def resolve(
     variables: Sequence,
     kind: str,
     layers_of: Callable | None = None,
-) -> list[tuple[float, str | None]]:
+) -> list[tuple[Multiplier, str | None]]:
     """Per variable: ``(value, description of the winning rule or None)``.
 
     Raises a ValueError naming the rule when a rule selects nothing.
@@ -362,7 +383,7 @@ def resolve(
             "model.fit / train_on_batch, or build the optimizer with "
             "`optimizer.build(model)` before a custom training loop."
         )
-    result: list[tuple[float, str | None]] = []
+    result: list[tuple[Multiplier, str | None]] = []
     used = [False] * len(rules)
     for variable in variables:
         for i, rule in enumerate(rules):
