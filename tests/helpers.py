@@ -106,3 +106,28 @@ def hand_multipliers(path):
 
 def wrapped(opt_class, kwargs, lr_mult=LR_RULES, decay_mult=DECAY_RULES):
     return layerlr.LayerwiseOptimizer(opt_class(**kwargs), lr_mult=lr_mult, decay_mult=decay_mult)
+
+
+def gradients(model, x, y):
+    """Mean-squared-error gradients for every trainable variable, per backend."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.mean_squared_error(y, model(x)))
+        return tape.gradient(loss, model.trainable_variables)
+    if backend == "jax":
+        import jax
+
+        def loss_fn(values):
+            out, _ = model.stateless_call(values, [v.value for v in model.non_trainable_variables], x)
+            return keras.ops.mean(keras.losses.mean_squared_error(y, out))
+
+        return jax.grad(loss_fn)([v.value for v in model.trainable_variables])
+    import torch
+
+    model.zero_grad()
+    loss = keras.ops.mean(keras.losses.mean_squared_error(y, model(x)))
+    loss.backward()
+    return [v.value.grad for v in model.trainable_variables]

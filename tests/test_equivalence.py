@@ -10,7 +10,7 @@ import keras
 
 import layerlr
 from helpers import (
-    data, hand_multipliers, max_abs_diff, reference_optimizer, twin_models, wrapped,
+    data, gradients, hand_multipliers, max_abs_diff, reference_optimizer, twin_models, wrapped,
 )
 from conftest import BACKEND
 
@@ -96,31 +96,8 @@ def _adam_with_scaled_gradients(model, x, y, lr_of_path):
     mults = [lr_of_path(v.path)[0] for v in model.trainable_variables]
     for start in range(0, len(x), 16):
         xb, yb = x[start:start + 16], y[start:start + 16]
-        grads = _gradients(model, xb, yb)
+        grads = gradients(model, xb, yb)
         opt.apply([g * m for g, m in zip(grads, mults)], model.trainable_variables)
-
-
-def _gradients(model, x, y):
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = keras.losses.mean_squared_error(y, model(x))
-        return tape.gradient(loss, model.trainable_variables)
-    if BACKEND == "jax":
-        import jax
-
-        def loss_fn(values):
-            out, _ = model.stateless_call(values, [], x)
-            return keras.ops.mean(keras.losses.mean_squared_error(y, out))
-
-        return jax.grad(loss_fn)([v.value for v in model.trainable_variables])
-    import torch
-
-    model.zero_grad()
-    loss = keras.ops.mean(keras.losses.mean_squared_error(y, model(x)))
-    loss.backward()
-    return [v.value.grad for v in model.trainable_variables]
 
 
 def test_gradient_scaling_fails_the_equivalence_test_for_adam():

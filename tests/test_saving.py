@@ -153,12 +153,12 @@ def test_saved_multipliers_refuse_a_model_whose_layers_changed():
     renamed = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="other"),
                                 keras.layers.Dense(8, name="pre2"), keras.layers.Dense(3, name="head")])
     restored = layerlr.LayerwiseOptimizer.from_config(config)
-    with pytest.raises(ValueError, match=r"variable #0 was 'backbone/pre1/kernel' and is now '.*other/kernel'"):
+    with pytest.raises(ValueError, match=r"the saved variable #0 'backbone/pre1/kernel' has no counterpart in the model"):
         restored.build(renamed.trainable_variables)
     assert not restored.inner_optimizer.built
 
     smaller = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="head")])
-    with pytest.raises(ValueError, match="6 trainable variables were saved, the model has 2"):
+    with pytest.raises(ValueError, match=r"the saved variable #0 'backbone/pre1/kernel' has no counterpart"):
         layerlr.LayerwiseOptimizer.from_config(config).build(smaller.trainable_variables)
 
 

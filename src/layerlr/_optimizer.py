@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 
-from layerlr import _hooks, _rules
+from layerlr import _hooks, _rules, _state
 from layerlr._rules import Multiplier, RuleSpec
 
 
@@ -56,6 +57,10 @@ class _State:
         self.decay_rules: tuple[_rules.Rule, ...] = decay_rules
         self.saved: tuple[VariableMultipliers, ...] | None = saved
         self.resolved: tuple[VariableMultipliers, ...] | None = None
+        self.model: weakref.ref | None = None
+
+    def remembered_model(self):
+        return None if self.model is None else self.model()
 
 
 _BASE_OPTIMIZER_KWARGS = (
@@ -99,6 +104,46 @@ def _not_autograph(method):
     import tensorflow as tf
 
     return tf.autograph.experimental.do_not_convert(method)
+
+
+def _cannot_create_state(grads) -> bool:
+    """True inside jax.jit or torch.compile, where no variable can be created.
+
+    (A tf.function's first trace can: see `_outside_compiled_step`.)
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
+
+        return torch.compiler.is_compiling()
+    if backend == "jax":
+        import jax
+
+        return keras.backend.in_stateless_scope() or any(
+            isinstance(g, jax.core.Tracer) for g in grads
+        )
+    return False
+
+
+def _same_variables(a, b) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+@contextlib.contextmanager
+def _outside_compiled_step():
+    """Creates optimizer state eagerly even while TF traces a train step.
+
+    Without a tf.distribute strategy Keras builds the optimizer inside the first
+    trace of the train function; state created there must be initialized once,
+    not by ops that would run on every step.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.init_scope():
+            yield
+    else:
+        yield
 
 
 def _check_inner(optimizer) -> keras.optimizers.Optimizer:
@@ -266,31 +311,80 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """Builds on ``var_list``, or on a model's trainable variables.
 
         Passing the model (``opt.build(model)``) also gives layer-type selectors
-        the model's layers in a custom training loop.
+        the model's layers in a custom training loop. Building again with more
+        variables (after unfreezing layers) keeps all existing optimizer state
+        and creates state for the new variables only.
         """
-        if self.built:
-            return
         model = None
         if isinstance(var_list, keras.Layer):
             model, var_list = var_list, var_list.trainable_variables
         var_list = list(var_list)
+        if self._layerlr.resolved is not None:
+            self._grow(var_list, model)
+            return
+        model = model or _find_model(var_list)
         # Resolve first: a bad rule raises before any state is created.
-        entries = self._resolve(var_list, model)
+        entries, ordered = self._resolve(var_list, model)
         with _tracking_on():
-            self.inner_optimizer.build(var_list)
+            self.inner_optimizer.build(ordered)
+        self._install(entries)
+        if model is not None and _same_variables(model.trainable_variables, var_list):
+            # Remember the model so that `built` turns False when layers are
+            # unfrozen: Keras then calls build() again before training.
+            self._layerlr.model = weakref.ref(model)
+        super().build(var_list)
+
+    def _install(self, entries) -> None:
         _hooks.install(
             self.inner_optimizer,
             [e.lr_mult for e in entries],
             [e.decay_mult for e in entries],
         )
         self._layerlr.resolved = entries
+
+    def _grow(self, var_list, model) -> None:
+        """Rebuilds for a changed variable list (layers frozen or unfrozen)."""
+        new = [v for v in var_list if not self._knows(v)]
+        if new:
+            inner = self.inner_optimizer
+            known = list(inner._trainable_variables)
+            model = model or self._layerlr.remembered_model()
+            # Resolve over every variable (so rules are checked as a whole) but
+            # keep the multipliers of the variables already trained.
+            fresh = self._resolve_rules(known + new, model)
+            entries = self._layerlr.resolved + fresh[len(known):]
+            with _tracking_on(), _outside_compiled_step():
+                _state.grow(inner, new)
+            self._install(entries)
+        # Our own list follows the model's current trainable variables (the
+        # order JAX's stateless_apply passes values in); the inner optimizer
+        # keeps state for every variable it ever trained.
+        self._trainable_variables_indices = {}
         super().build(var_list)
 
-    def _resolve(self, variables, model) -> tuple[VariableMultipliers, ...]:
-        state = self._layerlr
-        if state.saved is not None:
+    def _knows(self, variable) -> bool:
+        inner = self.inner_optimizer
+        return inner._var_key(variable) in inner._trainable_variables_indices
+
+    @property
+    def built(self) -> bool:
+        if not self.__dict__.get("_layerlr_built", False):
+            return False
+        state = self.__dict__.get("_layerlr")
+        model = state.remembered_model() if state is not None else None
+        # False once the model's trainable variables changed, so that Keras
+        # calls build() again before training (see `_grow`).
+        return model is None or _same_variables(model.trainable_variables, self._trainable_variables)
+
+    @built.setter
+    def built(self, value: bool) -> None:
+        self.__dict__["_layerlr_built"] = value
+
+    def _resolve(self, variables, model):
+        """(multipliers, the variables in the order the inner optimizer keeps them)."""
+        if self._layerlr.saved is not None:
             return self._restore_saved(variables, model)
-        return self._resolve_rules(variables, model)
+        return self._resolve_rules(variables, model), variables
 
     def _resolve_rules(self, variables, model) -> tuple[VariableMultipliers, ...]:
         state = self._layerlr
@@ -300,39 +394,42 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             if model is not None:
                 owners = _layers_of_model(model)
                 layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
-        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of)
-        decays = _rules.resolve(state.decay_rules, variables, "decay_mult", layers_of)
+        frozen = model.non_trainable_weights if model is not None else ()
+        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen)
+        decays = _rules.resolve(state.decay_rules, variables, "decay_mult", layers_of, frozen)
         return tuple(
             VariableMultipliers(_rules.variable_path(v), lr, decay, lr_rule, decay_rule)
             for v, (lr, lr_rule), (decay, decay_rule) in zip(variables, lrs, decays)
         )
 
-    def _restore_saved(self, variables, model) -> tuple[VariableMultipliers, ...]:
-        """Reuses the multipliers saved with the model, by variable position.
+    def _restore_saved(self, variables, model):
+        """Reuses the multipliers saved with the model, matched by variable path.
 
         Paths lose outer-model prefixes across `load_model`, so rules anchored on
         them could silently select something else; the saved per-variable
-        multipliers cannot, once we check the variables still line up.
+        multipliers cannot. The inner optimizer is rebuilt in the saved variable
+        order, which is the order its saved state (by index) was written in.
         """
         saved = self._layerlr.saved
-        paths = [_rules.variable_path(v) for v in variables]
-        mismatch = _first_path_mismatch([e.path for e in saved], paths)
-        if mismatch is not None:
+        frozen = [] if model is None else model.non_trainable_weights
+        ordered = _match_saved([e.path for e in saved], variables, frozen)
+        if isinstance(ordered, str):
             raise ValueError(
                 f"The multipliers saved with this optimizer do not fit the model "
-                f"it is being built for: {mismatch}. The model's layers or "
+                f"it is being built for: {ordered}. The model's layers or "
                 "variables changed since saving (renamed, added or removed), so "
                 "the saved per-variable learning rates cannot be matched safely. "
                 "Create a new LayerwiseOptimizer with rules for this model and "
                 "compile again."
             )
         entries = tuple(
-            VariableMultipliers(p, e.lr_mult, e.decay_mult, e.lr_rule, e.decay_rule)
-            for p, e in zip(paths, saved)
+            VariableMultipliers(_rules.variable_path(v), e.lr_mult, e.decay_mult, e.lr_rule, e.decay_rule)
+            for v, e in zip(ordered, saved)
         )
+        variables = ordered
         rules = self._layerlr.lr_rules + self._layerlr.decay_rules
         if any(isinstance(r.selector, _rules._Unresolvable) for r in rules):
-            return entries  # bound to live objects: nothing to cross-check
+            return entries, ordered  # bound to live objects: nothing to cross-check
         try:
             fresh = self._resolve_rules(variables, model)
         except ValueError as error:
@@ -353,7 +450,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "layer object instead.",
                 stacklevel=2,
             )
-        return entries
+        return entries, ordered
 
     @property
     def multipliers(self) -> dict[str, VariableMultipliers]:
@@ -370,7 +467,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     @_not_autograph
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
+        if not self.__dict__.get("_layerlr_built", False):
             if trainable_variables is None:
                 raise ValueError(
                     "When passing `grads` without `trainable_variables`, the "
@@ -379,7 +476,37 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 )
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
+        elif trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            new = [v for v in trainable_variables if not self._knows(v)]
+            if new:
+                self._grow_during_apply(new, trainable_variables, grads)
         self.inner_optimizer.apply(grads, trainable_variables)
+
+    def _grow_during_apply(self, new, trainable_variables, grads) -> None:
+        """Variables of the trained model that were unfrozen get state; others do not."""
+        model = self._layerlr.remembered_model()
+        model_variables = {id(v) for v in model.trainable_variables} if model else set()
+        strangers = [v for v in new if id(v) not in model_variables]
+        if strangers:
+            raise ValueError(
+                f"Unknown variable(s) for this optimizer: "
+                f"{[_rules.variable_path(v) for v in strangers[:3]]}. It was built for "
+                f"{len(self._trainable_variables)} variables of its model. To train "
+                "more variables with the same optimizer state, call "
+                "`optimizer.build(all_variables)` first."
+            )
+        if _cannot_create_state(grads):
+            raise ValueError(
+                f"{len(new)} variable(s) were unfrozen after the optimizer was built "
+                f"(e.g. {_rules.variable_path(new[0])!r}). Inside a compiled step "
+                "the optimizer cannot create their state: call "
+                "`optimizer.build(model.trainable_variables)` or recompile the model "
+                "after changing `trainable`, before the next training step."
+            )
+        self.build(trainable_variables)
 
     @_not_autograph
     def apply_gradients(self, grads_and_vars):
@@ -497,7 +624,36 @@ def _same_variable_path(saved: str, current: str) -> bool:
     )
 
 
+def _match_saved(saved_paths: Sequence[str], trainable, frozen) -> list | str:
+    """The model's variables in the saved order, or a description of the mismatch.
+
+    Exact paths are matched first, then paths that differ by an outer prefix.
+    Frozen variables may match: their state was saved while they trained.
+    """
+    pool = list(trainable) + [v for v in frozen if not any(v is t for t in trainable)]
+    paths = [_rules.variable_path(v) for v in pool]
+    chosen: list = [None] * len(saved_paths)
+    used: set[int] = set()
+    for same in (str.__eq__, _same_variable_path):
+        for i, saved in enumerate(saved_paths):
+            if chosen[i] is not None:
+                continue
+            for j, path in enumerate(paths):
+                if j not in used and same(saved, path):
+                    chosen[i] = pool[j]
+                    used.add(j)
+                    break
+    for i, saved in enumerate(saved_paths):
+        if chosen[i] is None:
+            return f"the saved variable #{i} {saved!r} has no counterpart in the model"
+    for j, variable in enumerate(pool[: len(trainable)]):
+        if j not in used:
+            return f"the trainable variable {paths[j]!r} was not saved with the optimizer"
+    return chosen
+
+
 def _first_path_mismatch(saved: Sequence[str], current: Sequence[str]) -> str | None:
+    """For position-matched lists: the first difference beyond an outer prefix."""
     if len(saved) != len(current):
         return (
             f"{len(saved)} trainable variables were saved, the model has "

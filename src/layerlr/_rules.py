@@ -370,10 +370,13 @@ def resolve(
     variables: Sequence,
     kind: str,
     layers_of: Callable | None = None,
+    frozen: Sequence = (),
 ) -> list[tuple[Multiplier, str | None]]:
     """Per variable: ``(value, description of the winning rule or None)``.
 
-    Raises a ValueError naming the rule when a rule selects nothing.
+    Raises a ValueError naming the rule when a rule selects none of
+    ``variables`` nor of the ``frozen`` ones (whose multiplier applies once
+    they are unfrozen).
     """
     if layers_of is None and any(r.selector.needs_layers for r in rules):
         raise ValueError(
@@ -394,7 +397,7 @@ def resolve(
         else:
             result.append((1.0, None))
     for rule, was_used in zip(rules, used):
-        if not was_used:
+        if not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
             _raise_if_selects_nothing(rule, variables, kind, layers_of)
     return result
 
@@ -420,6 +423,7 @@ def _raise_if_selects_nothing(rule: Rule, variables, kind: str, layers_of) -> No
     shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
     raise ValueError(
         f"The {kind} rule {rule.describe()} matches none of the {len(paths)} "
-        f"trainable variables ({shown}).{hint} Fix the selector or remove the rule; "
-        "to target a frozen layer, select it by the layer object."
+        f"trainable variables ({shown}).{hint} Fix the selector or remove the rule. "
+        "(Frozen layers count when the optimizer is built from the model, as in "
+        "model.fit or optimizer.build(model); a layer object always works.)"
     )
