@@ -176,3 +176,10 @@ def test_multipliers_before_build_is_a_clear_error():
     opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam())
     with pytest.raises(ValueError, match="not built yet"):
         opt.multipliers
+
+
+def test_rule_shadowed_by_an_earlier_one_warns_but_builds():
+    opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(), lr_mult=[("d1", 0.1), ("d1/kernel", 3.0)])
+    with pytest.warns(UserWarning, match=r"'d1/kernel' never applies: .* taken by the earlier rule 'd1'"):
+        opt.build(nested_model()[0])
+    assert opt.multipliers["backbone/d1/kernel"].lr_mult == 0.1

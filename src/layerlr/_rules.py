@@ -13,6 +13,7 @@ import fnmatch
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -398,11 +399,11 @@ def resolve(
             result.append((1.0, None))
     for rule, was_used in zip(rules, used):
         if not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
-            _raise_if_selects_nothing(rule, variables, kind, layers_of)
+            _raise_if_selects_nothing(rule, rules, variables, kind, layers_of)
     return result
 
 
-def _raise_if_selects_nothing(rule: Rule, variables, kind: str, layers_of) -> None:
+def _raise_if_selects_nothing(rule: Rule, rules, variables, kind: str, layers_of) -> None:
     own = rule.selector.own_variables()
     if own:
         # A frozen layer still counts: its multiplier applies once it is unfrozen.
@@ -413,6 +414,18 @@ def _raise_if_selects_nothing(rule: Rule, variables, kind: str, layers_of) -> No
             "no weights yet. Build the model (call it on data or use "
             "model.build(input_shape)) before building the optimizer."
         )
+    shadowed = next((v for v in variables if rule.selector.matches(v, layers_of)), None)
+    if shadowed is not None:
+        # Legitimate when composing rule lists (first match wins), so not an error.
+        winner = next(r for r in rules if r.selector.matches(shadowed, layers_of))
+        warnings.warn(
+            f"layerlr: the {kind} rule {rule.describe()} never applies: every "
+            f"variable it selects (e.g. {variable_path(shadowed)!r}) is taken by the "
+            f"earlier rule {winner.describe()} (first match wins). Put the more "
+            "specific rule first if that is not what you meant.",
+            stacklevel=4,
+        )
+        return
     paths = [variable_path(v) for v in variables]
     hint = ""
     if isinstance(rule.selector, _Glob):
