@@ -264,7 +264,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     >>> import keras, layerlr
     >>> backbone = keras.Sequential([keras.layers.Dense(8, name="pre")], name="backbone")
-    >>> model = keras.Sequential([keras.Input((4,)), backbone, keras.layers.Dense(2, name="head")])
+    >>> model = keras.Sequential([keras.Input((4,)), backbone, keras.layers.Dense(2, name="head")], name="net")
     >>> opt = layerlr.LayerwiseOptimizer(
     ...     keras.optimizers.AdamW(1e-3, weight_decay=0.05),
     ...     lr_mult={backbone: 0.01},
@@ -273,7 +273,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     >>> model.compile(optimizer=opt, loss="mse")
     >>> opt.build(model.trainable_variables)
     >>> [(m.path, m.lr_mult, m.decay_mult) for m in opt.multipliers.values()]
-    [('backbone/pre/kernel', 0.01, 1.0), ('backbone/pre/bias', 0.01, 0.0), ('head/kernel', 1.0, 1.0), ('head/bias', 1.0, 0.0)]
+    [('net/backbone/pre/kernel', 0.01, 1.0), ('net/backbone/pre/bias', 0.01, 0.0), ('net/head/kernel', 1.0, 1.0), ('net/head/bias', 1.0, 0.0)]
     """
 
     def __init__(
@@ -462,6 +462,21 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "Call `optimizer.build(model.trainable_variables)` (or train) first."
             )
         return {e.path: e for e in resolved}
+
+    def summary(self, model=None, *, width: int | None = None, print_fn=None) -> None:
+        """Prints each variable's multipliers and effective rates (see `layerlr.summary`).
+
+        >>> import keras, layerlr
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")], name="net")
+        >>> opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1), lr_mult={"*bias": 0.5})
+        >>> lines = []
+        >>> opt.summary(model, print_fn=lines.append)
+        >>> lines[-1]
+        'Trainable: 8 params in 2 variables.'
+        """
+        from layerlr._summary import print_summary  # _summary imports this module
+
+        print_summary(self, model, width=width, print_fn=print_fn)
 
     # --- delegation to the inner optimizer ---------------------------------
 

@@ -1,0 +1,285 @@
+"""Pictures of the per-layer learning rates. Needs matplotlib: ``pip install "layerlr[plot]"``.
+
+- `learning_rates`: the effective learning rate of every layer, in depth order.
+- `schedule`: each group's effective learning rate over the training steps.
+- `history`: the rates `layerlr.callbacks.LearningRateLogger` logged per epoch.
+
+Each function draws on ``ax`` when given, otherwise on a new figure made without
+pyplot (so it works headless and never opens a window), saves the figure to
+``path`` when given, and returns it. Colors are per learning-rate group (the
+variables one ``lr_mult`` rule decided), the same groups the logger names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+import numpy as np
+
+from layerlr import _summary
+
+__all__ = ["history", "learning_rates", "schedule"]
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "layerlr.plot needs matplotlib, which is not installed. Install it with "
+            "`pip install \"layerlr[plot]\"` (or `pip install matplotlib`)."
+        ) from error
+    return matplotlib, Figure
+
+
+def _axes(ax, figsize):
+    if ax is not None:
+        return ax.figure, ax
+    _, Figure = _matplotlib()
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _finish(fig, path: str | os.PathLike | None):
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=120)
+    return fig
+
+
+def _group_colors(names) -> dict[str, Any]:
+    matplotlib, _ = _matplotlib()
+    names = list(dict.fromkeys(names))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def learning_rates(
+    model: keras.Layer,
+    optimizer=None,
+    *,
+    path: str | os.PathLike | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Bar chart of each layer's effective learning rate now, on a log scale.
+
+    One horizontal bar per layer from input (top) to output, colored by group;
+    a layer whose variables fall in several groups (say, a bias rule) gets one
+    bar per group. Frozen layers and ``lr_mult=0`` have no place on a log scale
+    and are written as text instead.
+
+    Args:
+        model: The model (built).
+        optimizer: A `layerlr.LayerwiseOptimizer`; defaults to ``model.optimizer``.
+        path: Where to save the figure (any format matplotlib knows).
+        ax: A matplotlib Axes to draw on instead of a new figure.
+        title: The plot title.
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+
+    >>> import os, tempfile, keras, layerlr, layerlr.plot
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="body"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(1e-3), lr_mult={"body": 0.01})
+    >>> out = os.path.join(tempfile.mkdtemp(), "rates.png")
+    >>> fig = layerlr.plot.learning_rates(model, opt, path=out)
+    >>> os.path.exists(out), [f"{p.get_width():.3g}" for p in fig.axes[0].patches]
+    (True, ['1e-05', '0.001'])
+    """
+    records = _summary.summary_records(model, optimizer)
+    bars: dict[tuple[str, str | None, str], list[dict]] = {}
+    for r in records:
+        bars.setdefault((r["layer"], r["group"], r["status"]), []).append(r)
+    per_layer: dict[str, int] = {}
+    for layer, _, _ in bars:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+
+    fig, ax = _axes(ax, figsize=(8, 1.2 + 0.32 * max(len(bars), 1)))
+    colors = _group_colors(g for (_, g, s) in bars if s == _summary.TRAINED)
+    positive = [
+        rows[0]["learning_rate"]
+        for (_, _, s), rows in bars.items()
+        if s == _summary.TRAINED and rows[0]["learning_rate"] > 0
+    ]
+    floor = min(positive) / 10 if positive else 1e-8
+    labelled: set[str] = set()
+    labels = []
+    for y, ((layer, group, status), rows) in enumerate(bars.items()):
+        label = layer
+        if per_layer[layer] > 1:
+            label += " [" + ", ".join(r["path"].rsplit("/", 1)[-1] for r in rows) + "]"
+        labels.append(label)
+        first = rows[0]
+        rate = first["learning_rate"]
+        scheduled = first["lr_mult_schedule"] is not None
+        if status != _summary.TRAINED or not rate:
+            if status == _summary.FROZEN:
+                text = "frozen"
+            else:
+                text = "lr_mult 0 now (scheduled)" if scheduled else "lr_mult 0: not updated"
+            ax.text(floor, y, " " + text, va="center", color="0.4", style="italic")
+            continue
+        mult = f"x{first['lr_mult']:g}" + (" now, scheduled" if scheduled else "")
+        legend = f"{group} ({mult})" if group not in labelled else None
+        labelled.add(group)
+        ax.barh(y, rate, color=colors[group], label=legend)
+    ax.set_xscale("log")
+    ax.set_xlim(left=floor)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()  # input at the top
+    ax.set_xlabel("effective learning rate")
+    ax.grid(axis="x", which="major", alpha=0.3)
+    if labelled:
+        ax.legend(title="group (lr_mult)", fontsize="small", loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "Learning rate per layer (depth order)")
+    return _finish(fig, path)
+
+
+def _curve(value, steps: np.ndarray) -> np.ndarray:
+    """A rate or multiplier at each step: schedules evaluated as in training."""
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
+        return np.asarray([_summary._as_float(value(int(s))) for s in steps])
+    return np.full(len(steps), float(value))
+
+
+def schedule(
+    model: keras.Layer,
+    optimizer=None,
+    *,
+    steps: int = 1000,
+    path: str | os.PathLike | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Each group's effective learning rate over training steps 0..``steps``.
+
+    The base learning rate times each group's ``lr_mult``, both evaluated at
+    every step as in training (learning-rate schedules and multiplier schedules
+    such as `layerlr.schedules.FreezeThenWarmup`), on a log scale, with the
+    current step marked. Steps at rate 0 (a multiplier at 0) leave a gap. With
+    ``gradient_accumulation_steps`` the x axis counts micro-steps for the base
+    rate but updates for the multipliers, as Keras does.
+
+    Args:
+        model: The model (built).
+        optimizer: A `layerlr.LayerwiseOptimizer`; defaults to ``model.optimizer``.
+        steps: The last step to draw.
+        path: Where to save the figure.
+        ax: A matplotlib Axes to draw on instead of a new figure.
+        title: The plot title.
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+
+    >>> import keras, layerlr, layerlr.plot
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="body"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> decay = keras.optimizers.schedules.ExponentialDecay(1e-3, decay_steps=100, decay_rate=0.5)
+    >>> opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(decay), lr_mult={"body": 0.1})
+    >>> fig = layerlr.plot.schedule(model, opt, steps=200)
+    >>> [(line.get_label(), f"{line.get_ydata()[-1]:.3g}") for line in fig.axes[0].lines[:2]]
+    [('body (x0.1)', '2.5e-05'), ('default (x1)', '0.00025')]
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    opt = _summary.layerwise_optimizer_of(model, optimizer)
+    report = _summary._collect(opt, model)
+    grid = np.unique(np.linspace(0, steps, num=min(steps + 1, 200)).round().astype(int))
+    inner = opt.inner_optimizer
+    base_value = getattr(inner, "_learning_rate", None)
+    if not isinstance(base_value, keras.optimizers.schedules.LearningRateSchedule):
+        base_value = _summary._as_float(inner.learning_rate)
+    base = _curve(base_value, grid)
+    kind = type(base_value).__name__ if not isinstance(base_value, float) else "constant"
+
+    fig, ax = _axes(ax, figsize=(8, 4.5))
+    colors = _group_colors(report.group_multipliers)
+    never = []
+    for group, mult in report.group_multipliers.items():
+        rates = base * _curve(mult, grid)
+        if not np.any(rates > 0):
+            never.append(group)
+            continue
+        label = f"{group} ({type(mult).__name__})" if _summary._is_schedule(mult) else f"{group} (x{mult:g})"
+        ax.plot(grid, np.where(rates > 0, rates, np.nan), color=colors[group], label=label)
+    if report.step <= steps:
+        ax.axvline(report.step, color="0.5", linestyle=":", label=f"now (step {report.step})")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("effective learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", title="group (lr_mult)")
+    note = f"; never updated: {', '.join(never)}" if never else ""
+    ax.set_title(title or f"Learning rate per group, base rate {kind}{note}")
+    return _finish(fig, path)
+
+
+def history(
+    history,
+    *,
+    prefix: str = "learning_rate/",
+    path: str | os.PathLike | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """The per-group learning rates that `LearningRateLogger` logged, per epoch.
+
+    This shows what training really used, including multipliers changed
+    between epochs by other callbacks.
+
+    Args:
+        history: The ``History`` that ``model.fit`` returned, or its
+            ``.history`` dict.
+        prefix: The logger's prefix.
+        path: Where to save the figure.
+        ax: A matplotlib Axes to draw on instead of a new figure.
+        title: The plot title.
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+
+    >>> import layerlr.plot
+    >>> logged = {"loss": [0.9, 0.5], "learning_rate/backbone": [1e-5, 5e-6],
+    ...           "learning_rate/default": [1e-3, 5e-4]}
+    >>> fig = layerlr.plot.history(logged)
+    >>> [line.get_label() for line in fig.axes[0].lines]
+    ['backbone', 'default']
+    """
+    logged = getattr(history, "history", history)
+    if not isinstance(logged, dict):
+        raise TypeError(
+            "history must be the History returned by model.fit or its .history "
+            f"dict, got {type(history).__name__}."
+        )
+    series = {k[len(prefix):]: v for k, v in logged.items() if k.startswith(prefix)}
+    if not series:
+        raise ValueError(
+            f"No {prefix!r} keys in the history (it has {sorted(logged)}). Add "
+            "layerlr.callbacks.LearningRateLogger() to the callbacks of model.fit."
+        )
+    fig, ax = _axes(ax, figsize=(8, 4.5))
+    colors = _group_colors(series)
+    for group, values in series.items():
+        values = np.asarray(values, dtype=float)
+        epochs = np.arange(1, len(values) + 1)
+        # Zero rates (frozen by rate) have no place on a log scale.
+        shown = np.where(values > 0, values, np.nan)
+        ax.plot(epochs, shown, marker="o", color=colors[group], label=group)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("effective learning rate (end of epoch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", title="group")
+    ax.set_title(title or "Logged learning rate per group")
+    return _finish(fig, path)

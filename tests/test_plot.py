@@ -1,0 +1,126 @@
+"""layerlr.plot: what is drawn is checked against rates written out by hand."""
+
+import sys
+
+import numpy as np
+import pytest
+import keras
+
+import layerlr
+import layerlr.plot
+
+pytest.importorskip("matplotlib")
+
+
+def model_and_optimizer(lr=1e-3, **kwargs):
+    backbone = keras.Sequential(
+        [keras.layers.Dense(8, name="b1"), keras.layers.Dense(8, name="b2")], name="backbone"
+    )
+    inputs = keras.Input((6,))
+    h = backbone(inputs)
+    h = keras.layers.Dense(4, name="neck")(h)
+    outputs = keras.layers.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs, name="net")
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.Adam(lr), lr_mult=[(backbone, 0.01), ("head/bias", 0.5)], **kwargs
+    )
+    return model, backbone, opt
+
+
+def test_learning_rates_bar_chart(tmp_path):
+    model, _, opt = model_and_optimizer()
+    path = tmp_path / "rates.png"
+    fig = layerlr.plot.learning_rates(model, opt, path=path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    # Depth order; head is split because its bias has its own rule.
+    assert labels == ["b1", "b2", "neck", "head [kernel]", "head [bias]"]
+    widths = [p.get_width() for p in ax.patches]
+    assert widths == pytest.approx([1e-5, 1e-5, 1e-3, 1e-3, 5e-4], rel=1e-6)
+    colors = [p.get_facecolor() for p in ax.patches]
+    assert colors[0] == colors[1]  # both backbone
+    assert colors[2] == colors[3]  # default
+    assert len({colors[0], colors[2], colors[4]}) == 3
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["backbone (x0.01)", "default (x1)", "head/bias (x0.5)"]
+
+
+def test_frozen_layers_are_written_not_drawn():
+    model, backbone, opt = model_and_optimizer()
+    backbone.trainable = False
+    fig = layerlr.plot.learning_rates(model, opt)
+    ax = fig.axes[0]
+    assert [p.get_width() for p in ax.patches] == pytest.approx([1e-3, 1e-3, 5e-4], rel=1e-6)
+    assert [t.get_text().strip() for t in ax.texts] == ["frozen", "frozen"]
+
+
+def test_draws_on_a_given_axes():
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    ax = fig.add_subplot()
+    model, _, opt = model_and_optimizer()
+    assert layerlr.plot.learning_rates(model, opt, ax=ax) is fig
+    assert len(ax.patches) == 5
+
+
+def test_schedule_plot_follows_base_schedule_and_multiplier_schedules(tmp_path):
+    base = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=50, decay_rate=0.5)
+    warm = layerlr.schedules.FreezeThenWarmup(freeze_steps=20, warmup_steps=10, value=0.1)
+    model, backbone, _ = model_and_optimizer()
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.Adam(base), lr_mult=[(backbone, warm), ("head/bias", 0.5)]
+    )
+    fig = layerlr.plot.schedule(model, opt, steps=100, path=tmp_path / "schedule.svg")
+    assert (tmp_path / "schedule.svg").exists()
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax.lines}
+    assert set(lines) == {
+        "backbone (FreezeThenWarmup)", "default (x1)", "head/bias (x0.5)", "now (step 0)"
+    }
+    steps = lines["default (x1)"].get_xdata()
+    assert steps[0] == 0 and steps[-1] == 100
+    by_hand = 0.1 * 0.5 ** (steps / 50)
+    np.testing.assert_allclose(lines["default (x1)"].get_ydata(), by_hand, rtol=1e-5)
+    np.testing.assert_allclose(lines["head/bias (x0.5)"].get_ydata(), by_hand * 0.5, rtol=1e-5)
+    ramp = np.where(steps < 20, np.nan, 0.1 * np.clip((steps - 20 + 1) / 10, 0, 1))
+    np.testing.assert_allclose(
+        lines["backbone (FreezeThenWarmup)"].get_ydata(), by_hand * ramp, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        layerlr.plot.schedule(model, opt, steps=0)
+
+
+def test_history_plot():
+    logged = {
+        "loss": [1.0, 0.5, 0.2],
+        "learning_rate/backbone": [0.0, 1e-5, 2e-5],
+        "learning_rate/default": [1e-3, 1e-3, 1e-3],
+    }
+    fig = layerlr.plot.history(logged)
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    assert set(lines) == {"backbone", "default"}
+    assert list(lines["default"].get_xdata()) == [1, 2, 3]
+    backbone = lines["backbone"].get_ydata()
+    assert np.isnan(backbone[0])  # zero has no place on a log scale
+    assert list(backbone[1:]) == [1e-5, 2e-5]
+
+    class FakeHistory:
+        history = logged
+
+    assert len(layerlr.plot.history(FakeHistory()).axes[0].lines) == 2
+    with pytest.raises(ValueError, match="LearningRateLogger"):
+        layerlr.plot.history({"loss": [1.0]})
+    with pytest.raises(TypeError, match="History returned by model.fit"):
+        layerlr.plot.history([1.0, 2.0])
+
+
+def test_clear_error_without_matplotlib(monkeypatch):
+    model, _, opt = model_and_optimizer()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r'pip install "layerlr\[plot\]"'):
+        layerlr.plot.learning_rates(model, opt)
