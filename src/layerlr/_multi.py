@@ -24,7 +24,8 @@ from typing import Any, Union
 import keras
 
 from layerlr import _rules
-from layerlr._optimizer import _find_model, _layers_of_model, _tracking_on
+from layerlr._backend import find_model, layers_of_model, tracking_on
+from layerlr._saving import first_path_mismatch
 
 GroupSpec = Union[
     Mapping[Any, keras.optimizers.Optimizer],
@@ -167,7 +168,7 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         try:
             # Under LossScaleOptimizer.build tracking is off, and sub-optimizers
             # that add state by attribute (Nadam's `_u_product`) would lose it.
-            with _tracking_on():
+            with tracking_on():
                 super().build(var_list)
         finally:
             router._by_id = {}
@@ -186,9 +187,9 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         rules = tuple(_rules.Rule(sel, float(i)) for i, (sel, _) in enumerate(router.groups))
         layers_of = None
         if any(r.selector.needs_layers for r in rules):
-            model = model or _find_model(variables)
+            model = model or find_model(variables)
             if model is not None:
-                owners = _layers_of_model(model)
+                owners = layers_of_model(model)
                 layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
         resolved = _rules.resolve(rules, variables, _KIND, layers_of)
         routes = []
@@ -215,7 +216,7 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         router: _Router = self._optimizer_map
         saved = router.saved_routes
         paths = [_rules.variable_path(v) for v in variables]
-        mismatch = _path_mismatch([p for p, _, _ in saved], paths)
+        mismatch = first_path_mismatch([p for p, _, _ in saved], paths)
         if mismatch is not None:
             raise ValueError(
                 f"The routes saved with this multi_optimizer do not fit the model it "
@@ -293,21 +294,6 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         ]
         default = config.pop("default", None)
         return cls(groups, default=None if default is None else optimizers[default], **config)
-
-
-def _path_mismatch(saved: Sequence[str], current: Sequence[str]) -> str | None:
-    """Why the saved routes do not line up with the variables, or None.
-
-    Routes are matched by position (Keras builds each sub-optimizer in variable
-    order, and its state is saved by index); a path may only have gained or
-    lost outer prefixes, which `load_model` changes.
-    """
-    if len(saved) != len(current):
-        return f"{len(saved)} trainable variables were saved, the model has {len(current)}"
-    for i, (s, c) in enumerate(zip(saved, current)):
-        if not (s == c or s.endswith("/" + c) or c.endswith("/" + s)):
-            return f"trainable variable #{i} was {s!r} and is now {c!r}"
-    return None
 
 
 def _routes_from_config(saved) -> tuple[tuple[str, int, str | None], ...] | None:

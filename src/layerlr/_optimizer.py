@@ -8,16 +8,22 @@ at build time and installing the hook (`_hooks.install`) on the inner optimizer.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
 
 from layerlr import _hooks, _rules, _state
+from layerlr._backend import (
+    cannot_create_state,
+    find_model,
+    layers_of_model,
+    not_autograph,
+    outside_compiled_step,
+    tracking_on,
+)
+from layerlr._saving import match_saved
 from layerlr._rules import Multiplier, RuleSpec
 
 
@@ -77,73 +83,8 @@ _BASE_OPTIMIZER_KWARGS = (
 )
 
 
-@contextlib.contextmanager
-def _tracking_on():
-    # LossScaleOptimizer.build turns attribute tracking off around our build;
-    # inner optimizers that create state by plain attribute assignment (Nadam's
-    # `_u_product`) would then lose it from `.variables` (never saved, and
-    # dropped between JAX steps).
-    from keras.src.backend.common import global_state
-
-    previous = global_state.get_global_attribute("tracking_on", True)
-    global_state.set_global_attribute("tracking_on", True)
-    try:
-        yield
-    finally:
-        global_state.set_global_attribute("tracking_on", previous)
-
-
-def _not_autograph(method):
-    """Keeps AutoGraph out of our Python-only logic inside a user's tf.function.
-
-    AutoGraph converts methods of non-Keras classes it meets in a traced step;
-    ours only branch on Python values, so conversion would only add warnings.
-    """
-    if keras.backend.backend() != "tensorflow":
-        return method
-    import tensorflow as tf
-
-    return tf.autograph.experimental.do_not_convert(method)
-
-
-def _cannot_create_state(grads) -> bool:
-    """True inside jax.jit or torch.compile, where no variable can be created.
-
-    (A tf.function's first trace can: see `_outside_compiled_step`.)
-    """
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        return torch.compiler.is_compiling()
-    if backend == "jax":
-        import jax
-
-        return keras.backend.in_stateless_scope() or any(
-            isinstance(g, jax.core.Tracer) for g in grads
-        )
-    return False
-
-
 def _same_variables(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-@contextlib.contextmanager
-def _outside_compiled_step():
-    """Creates optimizer state eagerly even while TF traces a train step.
-
-    Without a tf.distribute strategy Keras builds the optimizer inside the first
-    trace of the train function; state created there must be initialized once,
-    not by ops that would run on every step.
-    """
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        with tf.init_scope():
-            yield
-    else:
-        yield
 
 
 def _check_inner(optimizer) -> keras.optimizers.Optimizer:
@@ -186,36 +127,6 @@ def _check_inner(optimizer) -> keras.optimizers.Optimizer:
             "type(opt).from_config(opt.get_config())."
         )
     return optimizer
-
-
-def _layers_of_model(model) -> dict[int, list]:
-    """Maps id(variable) -> every layer (the model included) whose weights hold it."""
-    owners: dict[int, list] = {}
-    for layer in [model, *model._flatten_layers(include_self=False)]:
-        for weight in layer.weights:
-            owners.setdefault(id(weight), []).append(layer)
-    return owners
-
-
-def _find_model(variables) -> keras.Layer | None:
-    """The model being trained: the caller's `self` that owns all the variables.
-
-    Only layer-type selectors need it; `model.fit`, `train_on_batch`, `compile`
-    and `load_model` all build the optimizer from inside a model method.
-    """
-    wanted = {id(v) for v in variables}
-    frame = inspect.currentframe()
-    try:
-        for _ in range(30):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.Layer) and wanted <= {id(w) for w in owner.weights}:
-                return owner
-    finally:
-        del frame
-    return None
 
 
 @keras.saving.register_keras_serializable(package="layerlr")
@@ -306,7 +217,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # --- building: resolve rules, build the inner optimizer, install the hook --
 
-    @_not_autograph
+    @not_autograph
     def build(self, var_list):
         """Builds on ``var_list``, or on a model's trainable variables.
 
@@ -322,10 +233,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         if self._layerlr.resolved is not None:
             self._grow(var_list, model)
             return
-        model = model or _find_model(var_list)
+        model = model or find_model(var_list)
         # Resolve first: a bad rule raises before any state is created.
         entries, ordered = self._resolve(var_list, model)
-        with _tracking_on():
+        with tracking_on():
             self.inner_optimizer.build(ordered)
         self._install(entries)
         if model is not None and _same_variables(model.trainable_variables, var_list):
@@ -353,7 +264,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             # keep the multipliers of the variables already trained.
             fresh = self._resolve_rules(known + new, model)
             entries = self._layerlr.resolved + fresh[len(known):]
-            with _tracking_on(), _outside_compiled_step():
+            with tracking_on(), outside_compiled_step():
                 _state.grow(inner, new)
             self._install(entries)
         # Our own list follows the model's current trainable variables (the
@@ -390,9 +301,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         state = self._layerlr
         layers_of = None
         if any(r.selector.needs_layers for r in state.lr_rules + state.decay_rules):
-            model = model or _find_model(variables)
+            model = model or find_model(variables)
             if model is not None:
-                owners = _layers_of_model(model)
+                owners = layers_of_model(model)
                 layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
         frozen = model.non_trainable_weights if model is not None else ()
         lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen)
@@ -412,7 +323,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """
         saved = self._layerlr.saved
         frozen = [] if model is None else model.non_trainable_weights
-        ordered = _match_saved([e.path for e in saved], variables, frozen)
+        ordered = match_saved([e.path for e in saved], variables, frozen)
         if isinstance(ordered, str):
             raise ValueError(
                 f"The multipliers saved with this optimizer do not fit the model "
@@ -480,7 +391,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     # --- delegation to the inner optimizer ---------------------------------
 
-    @_not_autograph
+    @not_autograph
     def apply(self, grads, trainable_variables=None):
         if not self.__dict__.get("_layerlr_built", False):
             if trainable_variables is None:
@@ -513,7 +424,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "more variables with the same optimizer state, call "
                 "`optimizer.build(all_variables)` first."
             )
-        if _cannot_create_state(grads):
+        if cannot_create_state(grads):
             raise ValueError(
                 f"{len(new)} variable(s) were unfrozen after the optimizer was built "
                 f"(e.g. {_rules.variable_path(new[0])!r}). Inside a compiled step "
@@ -523,7 +434,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             )
         self.build(trainable_variables)
 
-    @_not_autograph
+    @not_autograph
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables)
@@ -629,52 +540,3 @@ def _saved_from_config(saved) -> tuple[VariableMultipliers, ...] | None:
 
 def _multiplier_configs(entry: VariableMultipliers):
     return _rules.multiplier_to_config(entry.lr_mult), _rules.multiplier_to_config(entry.decay_mult)
-
-
-def _same_variable_path(saved: str, current: str) -> bool:
-    return (
-        saved == current
-        or saved.endswith("/" + current)
-        or current.endswith("/" + saved)
-    )
-
-
-def _match_saved(saved_paths: Sequence[str], trainable, frozen) -> list | str:
-    """The model's variables in the saved order, or a description of the mismatch.
-
-    Exact paths are matched first, then paths that differ by an outer prefix.
-    Frozen variables may match: their state was saved while they trained.
-    """
-    pool = list(trainable) + [v for v in frozen if not any(v is t for t in trainable)]
-    paths = [_rules.variable_path(v) for v in pool]
-    chosen: list = [None] * len(saved_paths)
-    used: set[int] = set()
-    for same in (str.__eq__, _same_variable_path):
-        for i, saved in enumerate(saved_paths):
-            if chosen[i] is not None:
-                continue
-            for j, path in enumerate(paths):
-                if j not in used and same(saved, path):
-                    chosen[i] = pool[j]
-                    used.add(j)
-                    break
-    for i, saved in enumerate(saved_paths):
-        if chosen[i] is None:
-            return f"the saved variable #{i} {saved!r} has no counterpart in the model"
-    for j, variable in enumerate(pool[: len(trainable)]):
-        if j not in used:
-            return f"the trainable variable {paths[j]!r} was not saved with the optimizer"
-    return chosen
-
-
-def _first_path_mismatch(saved: Sequence[str], current: Sequence[str]) -> str | None:
-    """For position-matched lists: the first difference beyond an outer prefix."""
-    if len(saved) != len(current):
-        return (
-            f"{len(saved)} trainable variables were saved, the model has "
-            f"{len(current)}"
-        )
-    for i, (s, c) in enumerate(zip(saved, current)):
-        if not _same_variable_path(s, c):
-            return f"trainable variable #{i} was {s!r} and is now {c!r}"
-    return None
