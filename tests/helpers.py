@@ -125,7 +125,6 @@ def gradients(model, x, y):
             return keras.ops.mean(keras.losses.mean_squared_error(y, out))
 
         return jax.grad(loss_fn)([v.value for v in model.trainable_variables])
-    import torch
 
     model.zero_grad()
     loss = keras.ops.mean(keras.losses.mean_squared_error(y, model(x)))

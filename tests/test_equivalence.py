@@ -4,7 +4,6 @@ The reference is one separately configured optimizer per multiplier group
 (`helpers.reference_optimizer`), trained through `model.fit` on a twin model.
 """
 
-import numpy as np
 import pytest
 import keras
 
@@ -12,7 +11,6 @@ import layerlr
 from helpers import (
     data, gradients, hand_multipliers, max_abs_diff, reference_optimizer, twin_models, wrapped,
 )
-from conftest import BACKEND
 
 
 class UserAdam(keras.optimizers.Adam):

@@ -7,7 +7,6 @@ resume tests compare with uninterrupted training.
 
 import os
 import re
-import warnings
 
 import numpy as np
 import pytest

@@ -7,9 +7,9 @@ import pytest
 import keras
 
 import layerlr
-from conftest import BACKEND, only_on
+from conftest import only_on
 from helpers import (
-    LR_RULES, DECAY_RULES, data, group_optimizer, hand_multipliers, make_model,
+    data, group_optimizer, hand_multipliers, make_model,
     max_abs_diff, reference_optimizer, twin_models, wrapped,
 )
 
