@@ -210,6 +210,13 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         inner = _check_inner(optimizer)
         lr_rules = _rules.parse_rules(lr_mult, "lr_mult")
         decay_rules = _rules.parse_rules(decay_mult, "decay_mult")
+        if decay_rules and not (inner.weight_decay or getattr(inner, "adam_weight_decay", None)):
+            warnings.warn(
+                "layerlr: decay_mult rules have no effect: the wrapped optimizer "
+                f"{inner.name!r} has no weight decay (weight_decay={inner.weight_decay!r}). "
+                "Set weight_decay on it, e.g. keras.optimizers.AdamW(..., weight_decay=...).",
+                stacklevel=2,
+            )
         super().__init__(learning_rate=0.0, name=name or "layerwise_optimizer")
         inner._layerlr_wrapped = True
         self.inner_optimizer = inner
@@ -306,8 +313,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 owners = layers_of_model(model)
                 layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
         frozen = model.non_trainable_weights if model is not None else ()
-        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen)
-        decays = _rules.resolve(state.decay_rules, variables, "decay_mult", layers_of, frozen)
+        known = None if model is None else {id(w) for w in model.weights}
+        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen, known)
+        decays = _rules.resolve(
+            state.decay_rules, variables, "decay_mult", layers_of, frozen, known
+        )
         return tuple(
             VariableMultipliers(_rules.variable_path(v), lr, decay, lr_rule, decay_rule)
             for v, (lr, lr_rule), (decay, decay_rule) in zip(variables, lrs, decays)
@@ -331,7 +341,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "variables changed since saving (renamed, added or removed), so "
                 "the saved per-variable learning rates cannot be matched safely. "
                 "Create a new LayerwiseOptimizer with rules for this model and "
-                "compile again."
+                "compile again (from keras.models.load_model: load with "
+                "keras.models.load_model(path, compile=False), then compile)."
             )
         entries = tuple(
             VariableMultipliers(_rules.variable_path(v), e.lr_mult, e.decay_mult, e.lr_rule, e.decay_rule)
@@ -372,7 +383,15 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "The optimizer is not built yet, so no variable has a multiplier. "
                 "Call `optimizer.build(model.trainable_variables)` (or train) first."
             )
-        return {e.path: e for e in resolved}
+        result: dict[str, VariableMultipliers] = {}
+        for e in resolved:
+            # Functional blocks leave their name out of paths, so paths can repeat.
+            key, n = e.path, 1
+            while key in result:
+                n += 1
+                key = f"{e.path}#{n}"
+            result[key] = e
+        return result
 
     def summary(self, model=None, *, width: int | None = None, print_fn=None) -> None:
         """Prints each variable's multipliers and effective rates (see `layerlr.summary`).
@@ -393,6 +412,14 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
     @not_autograph
     def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if len(grads) != len(trainable_variables):
+                raise ValueError(
+                    f"Got {len(grads)} gradients for {len(trainable_variables)} "
+                    "variables: pass one gradient (or None) per variable, in order."
+                )
         if not self.__dict__.get("_layerlr_built", False):
             if trainable_variables is None:
                 raise ValueError(
@@ -422,7 +449,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 f"{[_rules.variable_path(v) for v in strangers[:3]]}. It was built for "
                 f"{len(self._trainable_variables)} variables of its model. To train "
                 "more variables with the same optimizer state, call "
-                "`optimizer.build(all_variables)` first."
+                "`optimizer.build(all_variables)` first. If they belong to another "
+                "model, give that model its own optimizer."
             )
         if cannot_create_state(grads):
             raise ValueError(

@@ -162,7 +162,14 @@ class _Predicate(_Selector):
         self.predicate = predicate
 
     def matches(self, variable, layers_of):
-        return bool(self.predicate(variable))
+        try:
+            return bool(self.predicate(variable))
+        except Exception as error:
+            raise ValueError(
+                f"The rule {self.describe()} raised {type(error).__name__} on the "
+                f"variable {variable_path(variable)!r}: {error}. A predicate gets each "
+                "keras.Variable (.path, .name, .shape, .dtype) and returns True or False."
+            ) from error
 
     def describe(self):
         name = getattr(self.predicate, "__qualname__", None) or repr(self.predicate)
@@ -333,6 +340,11 @@ def parse_rules(spec: RuleSpec, kind: str) -> tuple[Rule, ...]:
         return ()
     if isinstance(spec, Mapping):
         items = list(spec.items())
+    elif isinstance(spec, (set, frozenset)):
+        raise TypeError(
+            f"{kind} must be ordered (the first matching rule wins), got a "
+            f"{type(spec).__name__}: use a dict or a list of (selector, multiplier) pairs."
+        )
     elif isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
         raise TypeError(
             f"{kind} must be a dict {{selector: multiplier}} or a list of "
@@ -372,6 +384,7 @@ def resolve(
     kind: str,
     layers_of: Callable | None = None,
     frozen: Sequence = (),
+    model_weights: set[int] | None = None,
 ) -> list[tuple[Multiplier, str | None]]:
     """Per variable: ``(value, description of the winning rule or None)``.
 
@@ -399,14 +412,27 @@ def resolve(
             result.append((1.0, None))
     for rule, was_used in zip(rules, used):
         if not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
-            _raise_if_selects_nothing(rule, rules, variables, kind, layers_of)
+            _raise_if_selects_nothing(rule, rules, variables, kind, layers_of, model_weights)
     return result
 
 
-def _raise_if_selects_nothing(rule: Rule, rules, variables, kind: str, layers_of) -> None:
+def _raise_if_selects_nothing(
+    rule: Rule, rules, variables, kind: str, layers_of, model_weights=None
+) -> None:
     own = rule.selector.own_variables()
     if own:
         # A frozen layer still counts: its multiplier applies once it is unfrozen.
+        if model_weights is not None and not any(id(v) in model_weights for v in own):
+            example = (
+                f"model.get_layer({rule.selector.layer.name!r})"
+                if isinstance(rule.selector, _LayerInstance) else "model.get_layer(name)"
+            )
+            raise ValueError(
+                f"The {kind} rule {rule.describe()} selects no variable of the model "
+                "being trained: it is not part of the model (is it from another model, "
+                "e.g. the original of keras.models.clone_model?). Select the layer of "
+                f"the model you train, e.g. {example}."
+            )
         return
     if own is not None:
         raise ValueError(
@@ -426,6 +452,12 @@ def _raise_if_selects_nothing(rule: Rule, rules, variables, kind: str, layers_of
             stacklevel=4,
         )
         return
+    if not variables:
+        raise ValueError(
+            f"The {kind} rule {rule.describe()} selects nothing: there are no "
+            "trainable variables yet. Build the model first (call it on a batch, or "
+            "model.build(input_shape)), or let model.fit build it."
+        )
     paths = [variable_path(v) for v in variables]
     hint = ""
     if isinstance(rule.selector, _Glob):
@@ -433,6 +465,13 @@ def _raise_if_selects_nothing(rule: Rule, rules, variables, kind: str, layers_of
         close = difflib.get_close_matches(rule.selector.pattern, candidates, n=3, cutoff=0.5)
         if close:
             hint = " Closest paths: " + ", ".join(repr(c) for c in close) + "."
+    if isinstance(rule.selector, _Glob) and (
+        ".*" in rule.selector.pattern or any(c in rule.selector.pattern for c in "^$+()|{}\\")
+    ):
+        hint += (
+            " Strings are glob patterns over whole path segments, not regular "
+            "expressions: for a regex pass re.compile(...)."
+        )
     shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
     raise ValueError(
         f"The {kind} rule {rule.describe()} matches none of the {len(paths)} "
