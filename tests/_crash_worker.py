@@ -76,7 +76,6 @@ def expected_multipliers():
 
 
 def compiled_model(init_path):
-    import keras
 
     model = make_model()
     model.set_weights(list(np.load(init_path).values()))

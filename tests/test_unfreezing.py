@@ -158,3 +158,20 @@ def test_requires_a_layerwise_optimizer():
 def test_validates_arguments(kwargs, error):
     with pytest.raises(error):
         layerlr.GradualUnfreezing(**kwargs)
+
+
+def test_save_load_then_unfreeze_uses_the_saved_layer_rules(tmp_path):
+    """The usual recipe: freeze, train, save, load, unfreeze, train on."""
+    model, opt, stem, (x, y) = frozen_start()
+    path = tmp_path / "frozen.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    loaded_opt = loaded.optimizer
+    loaded.get_layer("stem").trainable = True
+    loaded.compile(optimizer=loaded_opt, loss="mse")
+    kernel = loaded.get_layer("stem").kernel.numpy().copy()
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(kernel, loaded.get_layer("stem").kernel.numpy())
+    stem_entries = [m for p, m in loaded_opt.multipliers.items() if "stem" in p]
+    assert [m.lr_mult for m in stem_entries] == [0.1, 0.1]
+    assert stem_entries[0].lr_rule == "layer 'stem'"

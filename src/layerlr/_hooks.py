@@ -127,12 +127,13 @@ def install(inner, lr_mults: Sequence[Multiplier], decay_mults: Sequence[Multipl
 
     if originals["_parallel_update_step"] is not None:
         inner._parallel_update_step = _grouped_step(
-            inner, originals["_parallel_update_step"], lr_mults, decay_mults, effective_decay
+            inner, originals["_parallel_update_step"], lr_mults, decay_mults, effective_decay,
+            keras_variables,
         )
 
 
-def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay):
-    """Torch fused optimizers: one fused update per (lr_mult, decay_mult) group."""
+def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay, keras_variables):
+    """Torch fused optimizers: one fused update per (lr_mult, decay_mult, decayed?) group."""
     import torch
 
     def parallel_update_step(grads, variables, learning_rate):
@@ -143,7 +144,8 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay):
             if isinstance(lr_mult, float) and lr_mult == 0.0:
                 continue
             # Schedules group by identity; equal constants group together.
-            key = (lr_mult, decay_mults[index], effective_decay(index) is None)
+            no_decay = _base_weight_decay(inner, keras_variables[index]) is None
+            key = (lr_mult, decay_mults[index], no_decay)
             group = groups.setdefault(key, ([], [], []))
             group[0].append(grad)
             group[1].append(variable)
@@ -165,7 +167,8 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay):
             rate = _scaled(learning_rate, lr_mult)
             weight_decay = effective_decay(indices[0])
             if weight_decay is not None:
-                torch._foreach_mul_([v.value for v in group_vars], 1 - weight_decay * rate)
+                factor = ops.cast(1 - weight_decay * rate, group_vars[0].dtype)
+                torch._foreach_mul_([v.value for v in group_vars], factor)
             fused_step(group_grads, group_vars, rate)
             ran = True
         if not ran and once_per_step:

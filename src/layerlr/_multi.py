@@ -231,7 +231,7 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
                 "have; the saved config is inconsistent."
             )
         entries = tuple((p, i, rule) for p, (_, i, rule) in zip(paths, saved))
-        if any(isinstance(sel, _rules._Unresolvable) for sel, _ in router.groups):
+        if not all(sel.resolvable for sel, _ in router.groups):
             return entries  # bound to live objects: nothing to cross-check
         try:
             fresh = self._resolve_rules(variables, model)

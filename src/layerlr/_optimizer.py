@@ -8,6 +8,7 @@ at build time and installing the hook (`_hooks.install`) on the inner optimizer.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -85,6 +86,12 @@ _BASE_OPTIMIZER_KWARGS = (
 
 def _same_variables(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _strategy_scope(inner):
+    """State grown outside `strategy.scope()` (e.g. from a callback) must still be mirrored."""
+    strategy = getattr(inner, "_distribution_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _check_inner(optimizer) -> keras.optimizers.Optimizer:
@@ -265,15 +272,16 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         new = [v for v in var_list if not self._knows(v)]
         if new:
             inner = self.inner_optimizer
-            known = list(inner._trainable_variables)
             model = model or self._layerlr.remembered_model()
-            # Resolve over every variable (so rules are checked as a whole) but
-            # keep the multipliers of the variables already trained.
-            fresh = self._resolve_rules(known + new, model)
-            entries = self._layerlr.resolved + fresh[len(known):]
-            with tracking_on(), outside_compiled_step():
+            # Only the new variables are resolved: the others keep the
+            # multipliers they trained with (saved ones included), and the
+            # rules were checked as a whole when first built.
+            entries = self._layerlr.resolved + self._resolve_rules(new, model, check_unused=False)
+            with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
                 _state.grow(inner, new)
             self._install(entries)
+            if model is not None and _same_variables(model.trainable_variables, var_list):
+                self._layerlr.model = weakref.ref(model)
         # Our own list follows the model's current trainable variables (the
         # order JAX's stateless_apply passes values in); the inner optimizer
         # keeps state for every variable it ever trained.
@@ -304,7 +312,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             return self._restore_saved(variables, model)
         return self._resolve_rules(variables, model), variables
 
-    def _resolve_rules(self, variables, model) -> tuple[VariableMultipliers, ...]:
+    def _resolve_rules(self, variables, model, check_unused: bool = True) -> tuple[VariableMultipliers, ...]:
         state = self._layerlr
         layers_of = None
         if any(r.selector.needs_layers for r in state.lr_rules + state.decay_rules):
@@ -314,9 +322,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
         frozen = model.non_trainable_weights if model is not None else ()
         known = None if model is None else {id(w) for w in model.weights}
-        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen, known)
+        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen, known, check_unused)
         decays = _rules.resolve(
-            state.decay_rules, variables, "decay_mult", layers_of, frozen, known
+            state.decay_rules, variables, "decay_mult", layers_of, frozen, known, check_unused
         )
         return tuple(
             VariableMultipliers(_rules.variable_path(v), lr, decay, lr_rule, decay_rule)
@@ -348,12 +356,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             VariableMultipliers(_rules.variable_path(v), e.lr_mult, e.decay_mult, e.lr_rule, e.decay_rule)
             for v, e in zip(ordered, saved)
         )
-        variables = ordered
         rules = self._layerlr.lr_rules + self._layerlr.decay_rules
-        if any(isinstance(r.selector, _rules._Unresolvable) for r in rules):
+        if not all(r.selector.resolvable for r in rules):
             return entries, ordered  # bound to live objects: nothing to cross-check
         try:
-            fresh = self._resolve_rules(variables, model)
+            fresh = self._resolve_rules(ordered, model)
         except ValueError as error:
             reason = str(error)
         else:

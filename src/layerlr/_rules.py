@@ -40,6 +40,11 @@ def variable_path(variable) -> str:
     return getattr(variable, "path", None) or variable.name
 
 
+def same_variable_path(saved: str, current: str) -> bool:
+    """Equal up to outer-model prefixes, which Keras drops across ``load_model``."""
+    return saved == current or saved.endswith("/" + current) or current.endswith("/" + saved)
+
+
 def _segment_subpaths(path: str) -> list[str]:
     """Every run of consecutive path segments: ``a/b/c`` -> ``a, a/b, a/b/c, b, ...``."""
     parts = path.split("/")
@@ -57,6 +62,7 @@ def _segment_subpaths(path: str) -> list[str]:
 
 class _Selector:
     needs_layers = False
+    resolvable = True  # False once restored without the live object it needs
 
     def matches(self, variable, layers_of) -> bool:
         raise NotImplementedError
@@ -123,6 +129,10 @@ class _LayerInstance(_Selector):
     def describe(self):
         return f"layer {self.layer.name!r}"
 
+    def to_config(self):
+        # Frozen weights included: they get this multiplier once unfrozen.
+        return {"paths": [variable_path(w) for w in self.layer.weights], "description": self.describe()}
+
 
 class _VariableInstance(_Selector):
     def __init__(self, variable):
@@ -136,6 +146,27 @@ class _VariableInstance(_Selector):
 
     def describe(self):
         return f"variable {variable_path(self.variable)!r}"
+
+    def to_config(self):
+        return {"paths": [variable_path(self.variable)], "description": self.describe()}
+
+
+class _SavedPaths(_Selector):
+    """A layer or variable selector restored from a config, by its variables' paths."""
+
+    def __init__(self, paths, description: str):
+        self.paths = tuple(paths)
+        self.description = description
+
+    def matches(self, variable, layers_of):
+        path = variable_path(variable)
+        return any(same_variable_path(saved, path) for saved in self.paths)
+
+    def describe(self):
+        return self.description
+
+    def to_config(self):
+        return {"paths": list(self.paths), "description": self.description}
 
 
 class _LayerType(_Selector):
@@ -182,6 +213,7 @@ class _AnyOf(_Selector):
             raise ValueError("An empty tuple is not a valid selector.")
         self.selectors = selectors
         self.needs_layers = any(s.needs_layers for s in selectors)
+        self.resolvable = all(s.resolvable for s in selectors)
 
     def own_variables(self):
         parts = [s.own_variables() for s in self.selectors]
@@ -202,14 +234,16 @@ class _AnyOf(_Selector):
 class _Unresolvable(_Selector):
     """A selector restored from a config whose live object could not be saved."""
 
+    resolvable = False
+
     def __init__(self, description: str):
         self.description = description
 
     def matches(self, variable, layers_of):
         raise ValueError(
-            f"The rule {self.description} was bound to a live object (a layer, "
-            "variable or function) and cannot be re-applied after loading, and "
-            "the saved per-variable multipliers no longer fit this model. "
+            f"The rule {self.description} was a function, which cannot be saved, "
+            "so after loading it cannot decide the multiplier of a variable that "
+            f"was not trained when the model was saved ({variable_path(variable)!r}). "
             "Create a new LayerwiseOptimizer with rules for this model."
         )
 
@@ -281,6 +315,8 @@ def selector_from_config(config: dict) -> _Selector:
                 "module that registers it before loading."
             )
         return _LayerType(layer_type)
+    if "paths" in config:
+        return _SavedPaths(config["paths"], config.get("description", "saved paths"))
     if "any" in config:
         return _AnyOf(tuple(selector_from_config(c) for c in config["any"]))
     if "unresolvable" in config:
@@ -385,6 +421,7 @@ def resolve(
     layers_of: Callable | None = None,
     frozen: Sequence = (),
     model_weights: set[int] | None = None,
+    check_unused: bool = True,
 ) -> list[tuple[Multiplier, str | None]]:
     """Per variable: ``(value, description of the winning rule or None)``.
 
@@ -411,7 +448,7 @@ def resolve(
         else:
             result.append((1.0, None))
     for rule, was_used in zip(rules, used):
-        if not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
+        if check_unused and not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
             _raise_if_selects_nothing(rule, rules, variables, kind, layers_of, model_weights)
     return result
 

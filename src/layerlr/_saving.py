@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from layerlr._rules import variable_path
-
-
-def same_variable_path(saved: str, current: str) -> bool:
-    return (
-        saved == current
-        or saved.endswith("/" + current)
-        or current.endswith("/" + saved)
-    )
+from layerlr._rules import same_variable_path, variable_path
 
 
 def match_saved(saved_paths: Sequence[str], trainable, frozen) -> list | str:

@@ -53,16 +53,25 @@ def grow(inner, new_variables: Sequence) -> None:
     per_variable = _per_variable_lists(inner, len(old_variables))
     global_state = _global_variables(inner)
     keep = (inner._iterations, getattr(inner, "_learning_rate", None))
-    for variable in list(inner._variables):
-        if not any(variable is k for k in keep):
-            inner._untrack_variable(variable)
+    untracked = [v for v in inner._variables if not any(v is k for k in keep)]
+    for variable in untracked:
+        inner._untrack_variable(variable)
     inner.built = False
     inner.build(old_variables + list(new_variables))
+    carried = set()
     for name, old in per_variable.items():
         for before, after in zip(old, getattr(inner, name)):
             if before is not None:
                 after.assign(before)
+                carried.add(id(before))
     for name, before in global_state.items():
         after = getattr(inner, name, None)
         if isinstance(after, keras.Variable) and after is not before:
             after.assign(before)
+            carried.add(id(before))
+    # State we do not recognise (a subclass's own bookkeeping) stays as it was
+    # rather than being dropped from `.variables` (and from saving).
+    current = {id(v) for v in inner._variables}
+    for variable in untracked:
+        if id(variable) not in carried and id(variable) not in current:
+            inner._track_variable(variable)
