@@ -31,12 +31,16 @@ _ONCE_PER_STEP_STATE = ("_u_product",)
 
 def _base_weight_decay(inner, variable):
     """The weight decay Keras would apply to ``variable``, or None."""
-    if not inner._use_weight_decay(variable):
-        return None
     should_use_adamw = getattr(inner, "_should_use_adamw", None)  # Muon
     if should_use_adamw is not None and should_use_adamw(variable):
-        return inner.adam_weight_decay
-    return inner.weight_decay
+        base = inner.adam_weight_decay
+    else:
+        base = inner.weight_decay
+    # Checked first: asking Keras creates its exclusion cache (and, under
+    # torch.compile, one more recompile) even when there is no decay at all.
+    if base is None or not inner._use_weight_decay(variable):
+        return None
+    return base
 
 
 def _at_step(value: Multiplier, inner):
@@ -137,6 +141,18 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay, ker
     import torch
 
     def parallel_update_step(grads, variables, learning_rate):
+        if torch.compiler.is_compiling():
+            # Inductor fuses per-variable ops by itself, while per-group fused
+            # calls would recompile once per group at any graph break inside
+            # them. Take the per-variable path (our update_step hook), as on
+            # TF and JAX; Nadam's product still advances once per step.
+            from keras.src.backend.torch.optimizers.torch_parallel_optimizer import (
+                TorchParallelOptimizer,
+            )
+
+            return super(TorchParallelOptimizer, inner)._backend_update_step(
+                grads, variables, learning_rate
+            )
         groups: dict[tuple, tuple[list, list, list]] = {}
         for grad, variable in zip(grads, variables):
             index = inner._get_variable_index(variable)
