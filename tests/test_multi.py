@@ -196,13 +196,28 @@ def test_saved_routes_must_fit_the_model():
         clone.build(other)
 
 
-def test_live_selectors_without_saved_routes_cannot_be_reapplied():
+def test_function_selectors_without_saved_routes_cannot_be_reapplied():
+    model = make_model()
+
+    def first_dense(variable):
+        return variable.path.startswith("d1/")
+
+    opt = layerlr.multi_optimizer({first_dense: keras.optimizers.Adam()},
+                                  default=keras.optimizers.SGD())
+    clone = keras.optimizers.deserialize(keras.optimizers.serialize(opt))  # never built
+    with pytest.raises(ValueError, match="predicate .*first_dense was a function, which cannot be saved"):
+        clone.build(model)
+
+
+def test_layer_selectors_without_saved_routes_restore_by_variable_paths():
     model = make_model()
     opt = layerlr.multi_optimizer({model.get_layer("d1"): keras.optimizers.Adam()},
                                   default=keras.optimizers.SGD())
     clone = keras.optimizers.deserialize(keras.optimizers.serialize(opt))  # never built
-    with pytest.raises(ValueError, match="layer 'd1' was bound to a live object"):
-        clone.build(model)
+    clone.build(model)
+    routes = {path: type(o).__name__ for path, o in clone.routes.items()}
+    assert routes["d1/kernel"] == routes["d1/bias"] == "Adam"
+    assert routes["d2/kernel"] == "SGD"
 
 
 def test_under_mixed_float16_a_nadam_group_keeps_all_its_state():
