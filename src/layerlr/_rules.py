@@ -63,6 +63,9 @@ def _segment_subpaths(path: str) -> list[str]:
 class _Selector:
     needs_layers = False
     resolvable = True  # False once restored without the live object it needs
+    # `search(path)` when the selector looks at nothing but the variable path:
+    # `resolve` then computes each path once and skips the method calls.
+    path_search: Callable[[str], Any] | None = None
 
     def matches(self, variable, layers_of) -> bool:
         raise NotImplementedError
@@ -84,16 +87,10 @@ class _Glob(_Selector):
         if not pattern:
             raise ValueError("An empty string is not a valid selector.")
         self.pattern = pattern
-        self._cache: dict[str, bool] = {}
+        self.path_search = _glob_regex(pattern).search
 
     def matches(self, variable, layers_of):
-        path = variable_path(variable)
-        if path not in self._cache:
-            self._cache[path] = any(
-                fnmatch.fnmatchcase(sub, self.pattern)
-                for sub in _segment_subpaths(path)
-            )
-        return self._cache[path]
+        return self.path_search(variable_path(variable)) is not None
 
     def describe(self):
         return repr(self.pattern)
@@ -102,9 +99,20 @@ class _Glob(_Selector):
         return {"glob": self.pattern}
 
 
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Matches iff the glob matches some run of whole segments of the path.
+
+    A run starts at the path's start or after a "/" and ends at its end or
+    before a "/": one search instead of an fnmatch per run (n^2/2 of them).
+    """
+    body = re.sub(r"\\[Zz]$", "", fnmatch.translate(pattern))
+    return re.compile(r"(?:^|(?<=/))(?:" + body + r")(?=/|$)")
+
+
 class _Regex(_Selector):
     def __init__(self, pattern: re.Pattern):
         self.pattern = pattern
+        self.path_search = pattern.search
 
     def matches(self, variable, layers_of):
         return self.pattern.search(variable_path(variable)) is not None
@@ -439,10 +447,18 @@ def resolve(
         )
     result: list[tuple[Multiplier, str | None]] = []
     used = [False] * len(rules)
+    searches = [rule.selector.path_search for rule in rules]
+    descriptions = [rule.describe() for rule in rules]
     for variable in variables:
+        path = variable_path(variable)
         for i, rule in enumerate(rules):
-            if rule.selector.matches(variable, layers_of):
-                result.append((rule.value, rule.describe()))
+            search = searches[i]
+            if (
+                search(path) is not None
+                if search is not None
+                else rule.selector.matches(variable, layers_of)
+            ):
+                result.append((rule.value, descriptions[i]))
                 used[i] = True
                 break
         else:

@@ -1,0 +1,1 @@
+"""layerlr's benchmarks: ``python -m benchmarks.run`` (see docs/performance.md)."""
