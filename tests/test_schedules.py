@@ -29,6 +29,10 @@ class CountingSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.inner = inner
         self.calls = 0
 
+    @property
+    def start_step(self):
+        return self.inner.start_step
+
     def __call__(self, step):
         self.calls += 1
         return self.inner(step)

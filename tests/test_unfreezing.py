@@ -5,7 +5,7 @@ import pytest
 import keras
 
 import layerlr
-from helpers import data, gradients, max_abs_diff, reference_optimizer
+from helpers import data, gradients, max_abs_diff
 
 
 def staged_model():
@@ -55,26 +55,23 @@ def test_unfreezing_keeps_moments_and_matches_a_reference_built_by_hand():
         np.testing.assert_array_equal(begin[2][p], end[1][p])
     assert int(opt.iterations) == 20
 
-    # Reference: one optimizer per lr group over ALL variables from the start,
-    # gradients of frozen variables zeroed by hand. With zero gradients Adam's
-    # slots stay zero and the variable does not move, which is exactly
-    # "no state until unfrozen" with a shared step counter.
-    groups_of = {"stem": 0.1, "block": 0.5}
-    ref_opt = reference_optimizer(
-        keras.optimizers.Adam, dict(learning_rate=0.01),
-        lambda path: (groups_of.get(path.split("/")[-2], 1.0), 1.0))
+    # Reference: one plain Adam per layer, each created when its layer starts
+    # training (its own step counter from there, like torch's add_param_group).
+    rates = {"head": 0.01, "block": 0.005, "stem": 0.001}
+    trains_from = {"head": 0, "block": 2, "stem": 4}
     ref_model.get_layer("bn").trainable = False
     variables = ref_model.trainable_variables
-    ref_opt.build(variables)
-    trains_from = {"head": 0, "block": 2, "stem": 4}
+    layer_of = [v.path.split("/")[-2] for v in variables]
+    ref_opts = {}
     for epoch in range(5):
         for start in range(0, 32, 8):
             grads = gradients(ref_model, x[start:start + 8], y[start:start + 8])
-            grads = [
-                g if trains_from[v.path.split("/")[-2]] <= epoch else g * 0.0
-                for g, v in zip(grads, variables)
-            ]
-            ref_opt.apply(grads, variables)
+            for layer, first_epoch in trains_from.items():
+                if epoch < first_epoch:
+                    continue
+                opt_of_layer = ref_opts.setdefault(layer, keras.optimizers.Adam(rates[layer]))
+                pairs = [(g, v) for g, v, name in zip(grads, variables, layer_of) if name == layer]
+                opt_of_layer.apply([g for g, _ in pairs], [v for _, v in pairs])
     assert max_abs_diff(model, ref_model) < 1e-6
 
 
@@ -121,10 +118,12 @@ def test_building_again_after_unfreezing_keeps_every_state_value():
     opt.build(model.trainable_variables)
     after = slots()
     new = set(after) - set(before)
+    # The stem starts at step 2 with fresh slots and its own momentum product.
     assert sorted(new) == [
         "staged_stem_bias_momentum", "staged_stem_bias_velocity",
-        "staged_stem_kernel_momentum", "staged_stem_kernel_velocity"]
-    assert all(not after[name].any() for name in new)  # fresh slots start at zero
+        "staged_stem_kernel_momentum", "staged_stem_kernel_velocity", "u_product_from_step_2"]
+    assert all(not after[name].any() for name in new - {"u_product_from_step_2"})  # zero slots
+    assert after["u_product_from_step_2"] == 1.0
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
     assert float(inner._u_product.numpy()) == u_product != 1.0
@@ -139,7 +138,8 @@ def test_unfreeze_and_recompile_then_fit_trains_the_new_layer():
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert int(opt.iterations) == 4
     assert not np.array_equal(kernel, stem.kernel.numpy())
-    assert len(opt.inner_optimizer.variables) == 2 + 2 * 4 + 1  # iteration, lr, 2 slots x 4 vars, u_product
+    # iteration, lr, 2 slots x 4 vars, u_product, and the stem's own u_product from step 2
+    assert len(opt.inner_optimizer.variables) == 2 + 2 * 4 + 1 + 1
 
 
 def test_requires_a_layerwise_optimizer():

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 
 import keras
+from keras import ops
 
 
 @contextlib.contextmanager
@@ -106,3 +107,82 @@ def find_model(variables) -> keras.Layer | None:
     finally:
         del frame
     return None
+
+
+def _nadam_momentum_product_step(inner, product, local_iterations):
+    # keras.optimizers.Nadam._backend_update_step (checked: Keras 3.15.1), at
+    # the variable's own step.
+    dtype = product.dtype
+    return product * inner.beta_1 * (1.0 - 0.5 * ops.power(0.96, ops.cast(local_iterations + 1, dtype)))
+
+
+# Optimizer state that Keras advances once per step rather than per variable,
+# by attribute name, with its one-step update. A variable that starts training
+# late needs its own copy, advanced from its own first step.
+ONCE_PER_STEP_STATE = {"_u_product": _nadam_momentum_product_step}
+
+
+def torch_compiling() -> bool:
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
+def per_variable_update_step(inner, grads, variables, learning_rate):
+    """The base (non-fused) step of a torch fused optimizer: update_step per variable."""
+    from keras.src.backend.torch.optimizers.torch_parallel_optimizer import TorchParallelOptimizer
+
+    return super(TorchParallelOptimizer, inner)._backend_update_step(grads, variables, learning_rate)
+
+
+def current_step(optimizer) -> int:
+    """``optimizer.iterations`` now, as a Python int, even while TF traces a step."""
+    return int(eager_value(optimizer._iterations)) // (optimizer.gradient_accumulation_steps or 1)
+
+
+def eager_value(value):
+    """A variable's current value as numpy, even while TF traces a step (never inside jit)."""
+    with outside_compiled_step():
+        return ops.convert_to_numpy(value)
+
+
+def counts_steps(inner) -> bool:
+    """Whether the optimizer's update reads its step counter (Adam's bias correction...).
+
+    Read from the source of the update methods its class defines: true for
+    Adam, AdamW, Adamax, Nadam, Lamb, Adafactor, Muon, ScheduleFreeAdamW and
+    user subclasses that read ``self.iterations``.
+    """
+    for cls in type(inner).__mro__:
+        if cls.__module__.startswith("keras.src.optimizers.base_optimizer") or cls is object:
+            continue
+        for name in ("update_step", "_backend_update_step", "_parallel_update_step"):
+            method = cls.__dict__.get(name)
+            if method is None:
+                continue
+            try:
+                source = inspect.getsource(method)
+            except (OSError, TypeError):
+                return True  # cannot tell: assume it does
+            if "iterations" in source:
+                return True
+    return False
+
+
+def follow_outer_loss_scale(model, optimizer) -> None:
+    """Keeps a LossScaleOptimizer around ``optimizer`` on the same variable list.
+
+    It unscales gradients zipped with its own `_trainable_variables`, fixed
+    when it was built: after the inner list changed (unfreezing), surplus
+    gradients would be dropped.
+    """
+    outer = getattr(model, "optimizer", None) if model is not None else None
+    if not isinstance(outer, keras.optimizers.LossScaleOptimizer) or outer.inner_optimizer is not optimizer:
+        return
+    if not outer.built:
+        return
+    variables = list(optimizer._trainable_variables)
+    outer._trainable_variables = variables
+    outer._trainable_variables_indices = {outer._var_key(v): i for i, v in enumerate(variables)}

@@ -11,23 +11,27 @@ equivalent). The torch backend swaps nine built-in optimizers for fused
 ``_parallel_update_step`` and run it once per group of equal multipliers.
 
 Gradients are never scaled: Adam-family optimizers are invariant to that.
+
+Variables that start training late (unfrozen at step k, or held at 0 by a
+schedule until step k) count their own steps from k, like a parameter added to
+a torch optimizer with ``add_param_group`` at step k: while their update runs,
+the optimizer's step counter reads ``iterations - k`` (Adam's bias correction,
+Adafactor's decay, ScheduleFree's averaging weight...), and once-per-step state
+such as Nadam's momentum product has a copy per start step. Variables that
+start at step 0 take none of these detours.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import keras
 from keras import ops
 
+from layerlr import _backend as _internals
 from layerlr._rules import Multiplier
-
-# Optimizer state advanced once per step inside the fused torch step rather
-# than per variable (Nadam's running momentum product). Running the fused step
-# once per group must not advance it more than once.
-_ONCE_PER_STEP_STATE = ("_u_product",)
-
 
 def _base_weight_decay(inner, variable):
     """The weight decay Keras would apply to ``variable``, or None."""
@@ -75,22 +79,79 @@ def _writes_only_if(inner, active):
         del inner.assign, inner.assign_add, inner.assign_sub
 
 
-def install(inner, lr_mults: Sequence[Multiplier], decay_mults: Sequence[Multiplier]) -> None:
+def _steps_counted_from(inner, start: int):
+    """While active, ``inner.iterations`` counts from ``start`` (the variable's own step).
+
+    Keras reads the step as ``self.iterations`` (``_iterations``, divided by
+    the accumulation steps) inside ``update_step``; shifting the raw counter by
+    ``start * accumulation_steps`` shifts that quotient by exactly ``start``.
+    """
+    if not start:
+        return contextlib.nullcontext()
+    return _swapped(inner, {"_iterations": inner._iterations - start * (inner.gradient_accumulation_steps or 1)})
+
+
+@contextlib.contextmanager
+def _swapped(inner, attributes: dict):
+    # Through __dict__: plain attribute assignment would make Keras track the
+    # temporary values as optimizer state.
+    saved = {name: inner.__dict__[name] for name in attributes}
+    inner.__dict__.update(attributes)
+    try:
+        yield
+    finally:
+        inner.__dict__.update(saved)
+
+
+def _late_start(inner, start: int, late_state: dict):
+    """The context a late variable's update runs in: its own step and once-per-step state."""
+    if not start:
+        return contextlib.nullcontext()
+    own = {name: variable for name, variable in late_state.get(start, {}).items()}
+    if not own:
+        return _steps_counted_from(inner, start)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_steps_counted_from(inner, start))
+    stack.enter_context(_swapped(inner, own))
+    return stack
+
+
+def advance_late_state(inner, late_state: dict) -> None:
+    """Advances each start step's copy of the once-per-step state, from its own step."""
+    for start, state in late_state.items():
+        for name, variable in state.items():
+            local = inner.iterations - start
+            advanced = _internals.ONCE_PER_STEP_STATE[name](inner, variable, local)
+            inner.assign(variable, ops.where(ops.greater_equal(local, 0), advanced, variable))
+
+
+def install(
+    inner,
+    lr_mults: Sequence[Multiplier],
+    decay_mults: Sequence[Multiplier],
+    start_steps: Sequence[int],
+    late_state: dict,
+) -> None:
     """Makes ``inner`` apply the multipliers, indexed like its trainable variables.
 
     ``inner`` must be built. Constant multipliers are Python floats, so compiled
     steps (tf.function, jax.jit, torch.compile) see them as constants; scheduled
     ones are evaluated at ``inner.iterations`` inside the step, so changing phase
-    never retraces. Installing again (after the variable list grew) replaces the
-    previous hook.
+    never retraces. ``start_steps`` are the steps at which each variable started
+    training (Python ints, constants in the compiled step); ``late_state`` maps
+    a nonzero start step to its copies of once-per-step state. Installing again
+    (after the variable list grew) replaces the previous hook.
     """
     lr_mults = tuple(lr_mults)
     decay_mults = tuple(decay_mults)
+    start_steps = tuple(int(s) for s in start_steps)
     keras_variables = tuple(inner._trainable_variables)
     originals = inner.__dict__.setdefault(
         "_layerlr_originals",
         {"update_step": inner.update_step,
-         "_parallel_update_step": getattr(inner, "_parallel_update_step", None)},
+         "_parallel_update_step": getattr(inner, "_parallel_update_step", None),
+         "_backend_update_step": inner._backend_update_step,
+         "_update_model_variables_moving_average": inner._update_model_variables_moving_average},
     )
 
     def effective_decay(index: int):
@@ -124,20 +185,60 @@ def install(inner, lr_mults: Sequence[Multiplier], decay_mults: Sequence[Multipl
             weight_decay = effective_decay(index)
             if weight_decay is not None:
                 decay(variable, weight_decay, learning_rate)
-            return originals["update_step"](gradient, variable, learning_rate)
+            with _late_start(inner, start_steps[index], late_state):
+                return originals["update_step"](gradient, variable, learning_rate)
 
     inner.update_step = update_step
     inner._apply_weight_decay = lambda variables: None
+    fused = originals["_parallel_update_step"] is not None
 
-    if originals["_parallel_update_step"] is not None:
+    if late_state:
+        def backend_update_step(grads, variables, learning_rate):
+            # The fused torch step advances the state per group itself.
+            if not (fused and not _internals.torch_compiling()):
+                advance_late_state(inner, late_state)
+            return originals["_backend_update_step"](grads, variables, learning_rate)
+
+        inner._backend_update_step = backend_update_step
+    else:
+        inner.__dict__.pop("_backend_update_step", None)
+
+    if any(start_steps):
+        inner._update_model_variables_moving_average = functools.partial(
+            _moving_average_from_own_start, inner, start_steps
+        )
+    else:
+        inner.__dict__.pop("_update_model_variables_moving_average", None)
+
+    if fused:
         inner._parallel_update_step = _grouped_step(
-            inner, originals["_parallel_update_step"], lr_mults, decay_mults, effective_decay,
-            keras_variables,
+            inner, originals["_parallel_update_step"], lr_mults, decay_mults, start_steps,
+            late_state, effective_decay, keras_variables,
         )
 
 
-def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay, keras_variables):
-    """Torch fused optimizers: one fused update per (lr_mult, decay_mult, decayed?) group."""
+def _moving_average_from_own_start(inner, start_steps, trainable_variables) -> None:
+    """Keras' EMA update, with "first step" meaning each variable's own first step.
+
+    Keras sets the average to the variable at step 0; a variable that joins at
+    step k gets the same at its step k (before it, the variable does not move
+    and its average follows it).
+    """
+    for variable, average, start in zip(
+        trainable_variables, inner._model_variables_moving_average, start_steps
+    ):
+        if average is None:
+            continue
+        started = ops.greater(inner.iterations, start)
+        momentum = ops.multiply(ops.cast(started, variable.dtype), inner.ema_momentum)
+        average.assign(
+            ops.add(ops.multiply(momentum, average), ops.multiply(ops.subtract(1, momentum), variable))
+        )
+
+
+def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_state,
+                  effective_decay, keras_variables):
+    """Torch fused optimizers: one fused update per (lr_mult, decay, start step) group."""
     import torch
 
     def parallel_update_step(grads, variables, learning_rate):
@@ -146,13 +247,8 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay, ker
             # calls would recompile once per group at any graph break inside
             # them. Take the per-variable path (our update_step hook), as on
             # TF and JAX; Nadam's product still advances once per step.
-            from keras.src.backend.torch.optimizers.torch_parallel_optimizer import (
-                TorchParallelOptimizer,
-            )
-
-            return super(TorchParallelOptimizer, inner)._backend_update_step(
-                grads, variables, learning_rate
-            )
+            advance_late_state(inner, late_state)
+            return _internals.per_variable_update_step(inner, grads, variables, learning_rate)
         groups: dict[tuple, tuple[list, list, list]] = {}
         for grad, variable in zip(grads, variables):
             index = inner._get_variable_index(variable)
@@ -161,38 +257,44 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, effective_decay, ker
                 continue
             # Schedules group by identity; equal constants group together.
             no_decay = _base_weight_decay(inner, keras_variables[index]) is None
-            key = (lr_mult, decay_mults[index], no_decay)
+            key = (lr_mult, decay_mults[index], no_decay, start_steps[index])
             group = groups.setdefault(key, ([], [], []))
             group[0].append(grad)
             group[1].append(variable)
             group[2].append(index)
 
-        once_per_step = {
-            name: torch.clone(getattr(inner, name).value)
-            for name in _ONCE_PER_STEP_STATE
-            if hasattr(inner, name)
-        }
-        ran = False
-        for (lr_mult, _, _), (group_grads, group_vars, indices) in groups.items():
+        # Once-per-step state (Nadam's product) is advanced inside the fused
+        # step: each group must start from its value before this step.
+        once_per_step = {start: _once_per_step_state(inner, start, late_state)
+                         for start in {0, *late_state}}
+        before = {id(v): torch.clone(v.value) for state in once_per_step.values() for v in state}
+        advanced: set[int] = set()
+        for (lr_mult, _, _, start), (group_grads, group_vars, indices) in groups.items():
             lr_mult = _at_step(lr_mult, inner)
             # Eager torch: a scheduled multiplier at 0 skips its group on the host.
             if not isinstance(lr_mult, float) and float(lr_mult) == 0.0:
                 continue
-            for name, value in once_per_step.items():
-                getattr(inner, name).assign(value)
+            for variable in once_per_step.get(start, ()):
+                variable.assign(before[id(variable)])
             rate = _scaled(learning_rate, lr_mult)
             weight_decay = effective_decay(indices[0])
             if weight_decay is not None:
                 factor = ops.cast(1 - weight_decay * rate, group_vars[0].dtype)
                 torch._foreach_mul_([v.value for v in group_vars], factor)
-            fused_step(group_grads, group_vars, rate)
-            ran = True
-        if not ran and once_per_step:
-            _advance_once_per_step_state(inner, learning_rate)
+            with _late_start(inner, start, late_state):
+                fused_step(group_grads, group_vars, rate)
+            advanced.add(start)
+        # As on TF and JAX, the state advances every step, trained or not.
+        if 0 not in advanced and once_per_step[0]:
+            for variable in once_per_step[0]:
+                variable.assign(before[id(variable)])
+            advance_late_state(inner, {0: {name: getattr(inner, name) for name in _internals.ONCE_PER_STEP_STATE if hasattr(inner, name)}})
+        advance_late_state(inner, {s: st for s, st in late_state.items() if s not in advanced})
 
     return parallel_update_step
 
 
-def _advance_once_per_step_state(inner, learning_rate) -> None:
-    """No group ran this step: advance Nadam's product as TF/JAX do."""
-    keras.optimizers.Nadam._backend_update_step(inner, [], [], learning_rate)
+def _once_per_step_state(inner, start: int, late_state: dict) -> list:
+    if start:
+        return list(late_state.get(start, {}).values())
+    return [getattr(inner, name) for name in _internals.ONCE_PER_STEP_STATE if hasattr(inner, name)]

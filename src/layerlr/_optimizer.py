@@ -9,6 +9,7 @@ at build time and installing the hook (`_hooks.install`) on the inner optimizer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ import keras
 from layerlr import _hooks, _rules, _state
 from layerlr._backend import (
     cannot_create_state,
+    counts_steps,
+    current_step,
+    eager_value,
+    follow_outer_loss_scale,
     find_model,
     layers_of_model,
     not_autograph,
@@ -33,7 +38,10 @@ class VariableMultipliers:
     """What one trainable variable gets, and which rule decided it.
 
     ``lr_rule`` / ``decay_rule`` describe the first matching rule, or are None
-    when no rule matched and the default 1.0 applies.
+    when no rule matched and the default 1.0 applies. ``start_step`` is the
+    optimizer step at which the variable started training (it was unfrozen
+    then, or its scheduled multiplier left 0): it counts its own steps from
+    there, like a parameter added with ``add_param_group`` at that step.
     """
 
     path: str
@@ -41,6 +49,7 @@ class VariableMultipliers:
     decay_mult: Multiplier
     lr_rule: str | None
     decay_rule: str | None
+    start_step: int = 0
 
     def to_config(self) -> dict:
         return {
@@ -49,6 +58,7 @@ class VariableMultipliers:
             "decay_mult": _rules.multiplier_to_config(self.decay_mult),
             "lr_rule": self.lr_rule,
             "decay_rule": self.decay_rule,
+            "start_step": self.start_step,
         }
 
 
@@ -252,41 +262,64 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         entries, ordered = self._resolve(var_list, model)
         with tracking_on():
             self.inner_optimizer.build(ordered)
-        self._install(entries)
+        self._install(entries, model)
         if model is not None and _same_variables(model.trainable_variables, var_list):
             # Remember the model so that `built` turns False when layers are
             # unfrozen: Keras then calls build() again before training.
             self._layerlr.model = weakref.ref(model)
         super().build(var_list)
+        follow_outer_loss_scale(model, self)
 
-    def _install(self, entries) -> None:
-        _hooks.install(
-            self.inner_optimizer,
-            [e.lr_mult for e in entries],
-            [e.decay_mult for e in entries],
-        )
+    def _install(self, entries, model) -> None:
+        inner = self.inner_optimizer
+        starts = [e.start_step for e in entries]
+        with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+            late_state = _state.late_state(inner, starts)
+        _hooks.install(inner, [e.lr_mult for e in entries], [e.decay_mult for e in entries], starts, late_state)
         self._layerlr.resolved = entries
+
+    def _starting_now(self, entries) -> tuple[VariableMultipliers, ...]:
+        """Freshly resolved variables start training at the current step (or when their schedule does)."""
+        inner = self.inner_optimizer
+        now = current_step(inner)
+        return tuple(
+            dataclasses.replace(e, start_step=max(now, _first_step_of(e.lr_mult, inner, e.path)))
+            for e in entries
+        )
 
     def _grow(self, var_list, model) -> None:
         """Rebuilds for a changed variable list (layers frozen or unfrozen)."""
+        inner = self.inner_optimizer
         new = [v for v in var_list if not self._knows(v)]
-        if new:
-            inner = self.inner_optimizer
-            model = model or self._layerlr.remembered_model()
+        model = model or self._layerlr.remembered_model()
+        if current_step(inner) == 0 and (new or len(var_list) < len(inner._trainable_variables)):
+            # Nothing trained yet (e.g. layers frozen after Keras built the
+            # optimizer for all of them): start over, so that frozen
+            # variables hold no slots.
+            known = {inner._var_key(v): e for v, e in zip(inner._trainable_variables, self._layerlr.resolved)}
+            fresh = iter(self._starting_now(self._resolve_rules(new, model, check_unused=False)) if new else ())
+            entries = tuple(known.get(inner._var_key(v)) or next(fresh) for v in var_list)
+            with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+                _state.rebuild(inner, var_list)
+            self._install(entries, model)
+        elif new:
             # Only the new variables are resolved: the others keep the
             # multipliers they trained with (saved ones included), and the
             # rules were checked as a whole when first built.
-            entries = self._layerlr.resolved + self._resolve_rules(new, model, check_unused=False)
+            entries = self._layerlr.resolved + self._starting_now(
+                self._resolve_rules(new, model, check_unused=False)
+            )
             with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
                 _state.grow(inner, new)
-            self._install(entries)
-            if model is not None and _same_variables(model.trainable_variables, var_list):
-                self._layerlr.model = weakref.ref(model)
+            self._install(entries, model)
+        if model is not None and _same_variables(model.trainable_variables, var_list):
+            self._layerlr.model = weakref.ref(model)
         # Our own list follows the model's current trainable variables (the
         # order JAX's stateless_apply passes values in); the inner optimizer
         # keeps state for every variable it ever trained.
         self._trainable_variables_indices = {}
         super().build(var_list)
+        follow_outer_loss_scale(model, self)
 
     def _knows(self, variable) -> bool:
         inner = self.inner_optimizer
@@ -310,7 +343,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """(multipliers, the variables in the order the inner optimizer keeps them)."""
         if self._layerlr.saved is not None:
             return self._restore_saved(variables, model)
-        return self._resolve_rules(variables, model), variables
+        return self._starting_now(self._resolve_rules(variables, model)), variables
 
     def _resolve_rules(self, variables, model, check_unused: bool = True) -> tuple[VariableMultipliers, ...]:
         state = self._layerlr
@@ -353,8 +386,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "keras.models.load_model(path, compile=False), then compile)."
             )
         entries = tuple(
-            VariableMultipliers(_rules.variable_path(v), e.lr_mult, e.decay_mult, e.lr_rule, e.decay_rule)
-            for v, e in zip(ordered, saved)
+            dataclasses.replace(e, path=_rules.variable_path(v)) for v, e in zip(ordered, saved)
         )
         rules = self._layerlr.lr_rules + self._layerlr.decay_rules
         if not all(r.selector.resolvable for r in rules):
@@ -438,6 +470,14 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 self.build(list(trainable_variables))
         elif trainable_variables is None:
             trainable_variables = self._trainable_variables
+            if len(grads) != len(trainable_variables):
+                raise ValueError(
+                    f"Got {len(grads)} gradients, but the optimizer updates "
+                    f"{len(trainable_variables)} variables (the model's trainable "
+                    "variables when it was last built). Pass `trainable_variables` "
+                    "with the gradients, or call `optimizer.build(model.trainable_variables)` "
+                    "after changing which layers are trainable."
+                )
         else:
             trainable_variables = list(trainable_variables)
             new = [v for v in trainable_variables if not self._knows(v)]
@@ -513,16 +553,28 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list):
-        self.inner_optimizer.finalize_variable_values(var_list)
+        if not self.inner_optimizer.use_ema:
+            return
+        # The inner optimizer keeps its averages in the order variables
+        # started training, which after unfreezing is not the model's order.
+        for variable in var_list:
+            average = self._average_of(variable)
+            if average is not None:
+                variable.assign(average)
+
+    def _average_of(self, variable):
+        inner = self.inner_optimizer
+        index = inner._trainable_variables_indices.get(inner._var_key(variable))
+        return None if index is None else inner._model_variables_moving_average[index]
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         self.inner_optimizer.exclude_from_weight_decay(var_list, var_names)
 
     @property
     def _model_variables_moving_average(self):
-        # SwapEMAWeights unwraps one wrapper level; under LossScaleOptimizer
-        # that level is us.
-        return self.inner_optimizer._model_variables_moving_average
+        # SwapEMAWeights unwraps one wrapper level (under LossScaleOptimizer
+        # that level is us) and pairs these with our `_trainable_variables`.
+        return [self._average_of(v) for v in self._trainable_variables]
 
     # --- serialization -----------------------------------------------------
 
@@ -568,8 +620,29 @@ def _saved_from_config(saved) -> tuple[VariableMultipliers, ...] | None:
             decay_mult=_rules.multiplier_from_config(e["decay_mult"], f"saved decay_mult of {e['path']}"),
             lr_rule=e.get("lr_rule"),
             decay_rule=e.get("decay_rule"),
+            start_step=int(e.get("start_step", 0)),
         )
         for e in saved
+    )
+
+
+def _first_step_of(lr_mult: Multiplier, inner, path: str) -> int:
+    """The first step at which a multiplier is nonzero, as far as step counting needs it."""
+    if isinstance(lr_mult, float):
+        return 0
+    start = getattr(lr_mult, "start_step", None)
+    if start is not None:
+        return int(start)
+    with outside_compiled_step():
+        if float(eager_value(lr_mult(0))) > 0 or not counts_steps(inner):
+            return 0
+    raise ValueError(
+        f"The lr_mult schedule {lr_mult!r} of {path!r} is 0 at step 0, and "
+        f"{type(inner).__name__} counts steps (bias correction...): the variable "
+        "must count its own steps from the step its multiplier leaves 0, which "
+        "this schedule does not say. Use layerlr.schedules.FreezeThenWarmup, or "
+        "give the schedule a `start_step` attribute (the first step at which it "
+        "is nonzero)."
     )
 
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import keras
 
+from layerlr._backend import ONCE_PER_STEP_STATE
+
 # Lists that hold variables but are not per-variable optimizer state.
 _NOT_STATE = ("_variables", "_trainable_variables")
 
@@ -75,3 +77,46 @@ def grow(inner, new_variables: Sequence) -> None:
     for variable in untracked:
         if id(variable) not in carried and id(variable) not in current:
             inner._track_variable(variable)
+    # A new variable's moving average starts at its value, not at 0: swapping
+    # in EMA weights before (or right after) its first step must not shrink it.
+    averages = getattr(inner, "_model_variables_moving_average", None) if inner.use_ema else None
+    if averages:
+        for variable, average in zip(new_variables, averages[len(old_variables):]):
+            if average is not None:
+                average.assign(variable)
+
+
+def rebuild(inner, variables: Sequence) -> None:
+    """Builds ``inner`` afresh over ``variables``, dropping all its state.
+
+    For an optimizer that has not taken a step yet: its state is still the
+    initial one, and variables frozen before training must hold no slots.
+    """
+    keep = (inner._iterations, getattr(inner, "_learning_rate", None))
+    for variable in [v for v in inner._variables if not any(v is k for k in keep)]:
+        inner._untrack_variable(variable)
+    inner.__dict__.pop("_layerlr_late_state", None)
+    inner.built = False
+    inner.build(list(variables))
+
+
+def late_state(inner, start_steps: Sequence[int]) -> dict[int, dict[str, keras.Variable]]:
+    """Each nonzero start step's own copy of the once-per-step state (Nadam's product).
+
+    Created on first need, in order of first appearance, so that a rebuild
+    from the saved multipliers creates them in the order they were saved in.
+    """
+    state = inner.__dict__.setdefault("_layerlr_late_state", {})
+    names = [n for n in ONCE_PER_STEP_STATE if isinstance(getattr(inner, n, None), keras.Variable)]
+    if not names:
+        return state
+    for start in start_steps:
+        if start and start not in state:
+            state[start] = {
+                name: inner.add_variable(
+                    shape=(), initializer="ones", dtype=getattr(inner, name).dtype,
+                    name=f"{name.strip('_')}_from_step_{start}",
+                )
+                for name in names
+            }
+    return state

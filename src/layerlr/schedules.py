@@ -3,7 +3,9 @@
 Any ``keras.optimizers.schedules.LearningRateSchedule`` can be a multiplier
 value; it is called with the optimizer's step inside the compiled train step,
 so changing phase never retraces. The base learning rate (and its own schedule)
-still multiplies it.
+still multiplies it. A schedule that is 0 at step 0 says when it leaves 0 with
+a ``start_step`` attribute: from there its variables count their own steps
+(Adam's bias correction...), like a parameter group added at that step.
 
 >>> import keras, layerlr
 >>> warm = layerlr.schedules.FreezeThenWarmup(freeze_steps=100, warmup_steps=50, value=0.1)
@@ -45,6 +47,15 @@ class FreezeThenWarmup(keras.optimizers.schedules.LearningRateSchedule):
         self.freeze_steps = freeze_steps
         self.warmup_steps = warmup_steps
         self.value = float(value)
+
+    @property
+    def start_step(self) -> int:
+        """The first step at which the multiplier is nonzero.
+
+        The variables it applies to count their own optimizer steps from here
+        (Adam's bias correction...), like a parameter group added at this step.
+        """
+        return self.freeze_steps
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
