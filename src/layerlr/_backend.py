@@ -145,7 +145,8 @@ def current_step(optimizer) -> int:
 def eager_value(value):
     """A variable's current value as numpy, even while TF traces a step (never inside jit)."""
     with outside_compiled_step():
-        return ops.convert_to_numpy(value)
+        # ops.convert_to_numpy of a TF-backed Variable warns under numpy 2.
+        return value.numpy() if isinstance(value, keras.Variable) else ops.convert_to_numpy(value)
 
 
 def counts_steps(inner) -> bool:

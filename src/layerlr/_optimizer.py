@@ -75,6 +75,8 @@ class _State:
         self.saved: tuple[VariableMultipliers, ...] | None = saved
         self.resolved: tuple[VariableMultipliers, ...] | None = None
         self.model: weakref.ref | None = None
+        # Each saved variable's `structural_path`, when the model was known at saving.
+        self.saved_structures: tuple[str, ...] | None = None
 
     def remembered_model(self):
         return None if self.model is None else self.model()
@@ -238,6 +240,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         inner._layerlr_wrapped = True
         self.inner_optimizer = inner
         self._layerlr = _State(lr_rules, decay_rules, _saved_from_config(saved))
+        self._layerlr.saved_structures = _structures_from_config(saved)
 
     # --- building: resolve rules, build the inner optimizer, install the hook --
 
@@ -348,7 +351,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     def _resolve_rules(self, variables, model, check_unused: bool = True) -> tuple[VariableMultipliers, ...]:
         state = self._layerlr
         layers_of = None
-        if any(r.selector.needs_layers for r in state.lr_rules + state.decay_rules):
+        rules = state.lr_rules + state.decay_rules
+        if any(r.selector.needs_layers or _rules.uses_structure(r.selector) for r in rules):
             model = model or find_model(variables)
             if model is not None:
                 owners = layers_of_model(model)
@@ -374,7 +378,15 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         """
         saved = self._layerlr.saved
         frozen = [] if model is None else model.non_trainable_weights
-        ordered = match_saved([e.path for e in saved], variables, frozen)
+        structures = self._layerlr.saved_structures
+        if structures is not None and model is not None:
+            owners = layers_of_model(model)
+            ordered = match_saved(
+                structures, variables, frozen,
+                path_of=lambda v: _rules.structural_path(v, owners.get(id(v), ())),
+            )
+        else:
+            ordered = match_saved([e.path for e in saved], variables, frozen)
         if isinstance(ordered, str):
             raise ValueError(
                 f"The multipliers saved with this optimizer do not fit the model "
@@ -581,13 +593,31 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     def get_config(self):
         state = self._layerlr
         entries = state.resolved if state.resolved is not None else state.saved
+        structure_of = self._structure_of()
+        saved = None if entries is None else [e.to_config() for e in entries]
+        if saved is not None:
+            structures = (
+                [structure_of(v) for v in self.inner_optimizer._trainable_variables]
+                if structure_of is not None and state.resolved is not None
+                else state.saved_structures
+            )
+            for entry, structure in zip(saved, structures or ()):
+                entry["structure"] = structure
         return {
             "name": self.name,
             "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
-            "lr_mult": _rules.rules_to_config(state.lr_rules),
-            "decay_mult": _rules.rules_to_config(state.decay_rules),
-            "saved_multipliers": None if entries is None else [e.to_config() for e in entries],
+            "lr_mult": _rules_config(state.lr_rules, structure_of),
+            "decay_mult": _rules_config(state.decay_rules, structure_of),
+            "saved_multipliers": saved,
         }
+
+    def _structure_of(self):
+        """variable -> its `structural_path` in the trained model, if the model is known."""
+        model = self._layerlr.remembered_model()
+        if model is None:
+            return None
+        owners = layers_of_model(model)
+        return lambda v: _rules.structural_path(v, owners.get(id(v), ()))
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -608,6 +638,29 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
 def _rules_from_config(config):
     return [(rule.selector, rule.value) for rule in _rules.rules_from_config(config)]
+
+
+def _rules_config(rules, structure_of) -> list[dict]:
+    """The rules' config; layer and variable selectors also by `structural_path`."""
+    config = _rules.rules_to_config(rules)
+    if structure_of is not None:
+        for rule, rule_config in zip(rules, config):
+            _add_structures(rule.selector, rule_config["selector"], structure_of)
+    return config
+
+
+def _add_structures(selector, config: dict, structure_of) -> None:
+    if "any" in config:
+        for sub, sub_config in zip(selector.selectors, config["any"]):
+            _add_structures(sub, sub_config, structure_of)
+    elif "paths" in config and selector.own_variables() is not None:
+        config["structures"] = [structure_of(v) for v in selector.own_variables()]
+
+
+def _structures_from_config(saved) -> tuple[str, ...] | None:
+    if not saved or any("structure" not in e for e in saved):
+        return None
+    return tuple(str(e["structure"]) for e in saved)
 
 
 def _saved_from_config(saved) -> tuple[VariableMultipliers, ...] | None:

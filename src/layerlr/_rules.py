@@ -45,6 +45,23 @@ def same_variable_path(saved: str, current: str) -> bool:
     return saved == current or saved.endswith("/" + current) or current.endswith("/" + saved)
 
 
+def structural_path(variable, owners) -> str:
+    """``"net/enc/d/kernel"``: the names of the layers holding the variable, outermost first.
+
+    Layer names survive ``load_model`` where variable paths lose their outer
+    prefixes, so two sub-models with equally named layers stay apart.
+    """
+    chain = sorted(owners, key=lambda layer: -len(layer.weights))
+    return "/".join([layer.name for layer in chain] + [variable.name.split(":")[0]])
+
+
+def uses_structure(selector) -> bool:
+    """Whether the selector matches by `structural_path` when it can see the layers."""
+    if isinstance(selector, _AnyOf):
+        return any(uses_structure(s) for s in selector.selectors)
+    return isinstance(selector, _SavedPaths) and selector.structures is not None
+
+
 def _segment_subpaths(path: str) -> list[str]:
     """Every run of consecutive path segments: ``a/b/c`` -> ``a, a/b, a/b/c, b, ...``."""
     parts = path.split("/")
@@ -162,11 +179,14 @@ class _VariableInstance(_Selector):
 class _SavedPaths(_Selector):
     """A layer or variable selector restored from a config, by its variables' paths."""
 
-    def __init__(self, paths, description: str):
+    def __init__(self, paths, description: str, structures=None):
         self.paths = tuple(paths)
         self.description = description
+        self.structures = None if structures is None else tuple(structures)
 
     def matches(self, variable, layers_of):
+        if self.structures is not None and layers_of is not None:
+            return structural_path(variable, layers_of(variable)) in self.structures
         path = variable_path(variable)
         return any(same_variable_path(saved, path) for saved in self.paths)
 
@@ -174,7 +194,10 @@ class _SavedPaths(_Selector):
         return self.description
 
     def to_config(self):
-        return {"paths": list(self.paths), "description": self.description}
+        config = {"paths": list(self.paths), "description": self.description}
+        if self.structures is not None:
+            config["structures"] = list(self.structures)
+        return config
 
 
 class _LayerType(_Selector):
@@ -324,7 +347,7 @@ def selector_from_config(config: dict) -> _Selector:
             )
         return _LayerType(layer_type)
     if "paths" in config:
-        return _SavedPaths(config["paths"], config.get("description", "saved paths"))
+        return _SavedPaths(config["paths"], config.get("description", "saved paths"), config.get("structures"))
     if "any" in config:
         return _AnyOf(tuple(selector_from_config(c) for c in config["any"]))
     if "unresolvable" in config:
