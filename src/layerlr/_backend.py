@@ -185,5 +185,7 @@ def follow_outer_loss_scale(model, optimizer) -> None:
     if not outer.built:
         return
     variables = list(optimizer._trainable_variables)
-    outer._trainable_variables = variables
-    outer._trainable_variables_indices = {outer._var_key(v): i for i, v in enumerate(variables)}
+    # Through __dict__: attribute assignment would track the model's
+    # variables as the outer optimizer's own state.
+    outer.__dict__["_trainable_variables"] = variables
+    outer.__dict__["_trainable_variables_indices"] = {outer._var_key(v): i for i, v in enumerate(variables)}

@@ -122,7 +122,7 @@ def advance_late_state(inner, late_state: dict) -> None:
         for name, variable in state.items():
             local = inner.iterations - start
             advanced = _internals.ONCE_PER_STEP_STATE[name](inner, variable, local)
-            inner.assign(variable, ops.where(ops.greater_equal(local, 0), advanced, variable))
+            inner.assign(variable, ops.where(ops.greater_equal(local, 0), advanced, variable.value))
 
 
 def install(

@@ -96,6 +96,7 @@ def rebuild(inner, variables: Sequence) -> None:
     for variable in [v for v in inner._variables if not any(v is k for k in keep)]:
         inner._untrack_variable(variable)
     inner.__dict__.pop("_layerlr_late_state", None)
+    inner._trainable_variables_indices = {}  # build() only adds keys
     inner.built = False
     inner.build(list(variables))
 
