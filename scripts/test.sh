@@ -20,7 +20,8 @@ fi
 BACKEND_SENSITIVE="tests/test_equivalence.py tests/test_training.py tests/test_saving.py
     tests/test_schedules.py tests/test_unfreezing.py tests/test_wrapper_errors.py
     tests/test_numerics.py tests/test_crash_resume.py tests/test_cross_backend.py
-    tests/test_distribution.py tests/test_jax_backend.py tests/test_torch_backend.py"
+    tests/test_distribution.py tests/test_jax_backend.py tests/test_torch_backend.py
+    tests/test_late_start.py"
 
 export TF_CPP_MIN_LOG_LEVEL=3
 status=0
