@@ -164,7 +164,7 @@ def test_gradient_accumulation(join, tmp_path):
     assert relative_error(initial, final, reference("adam", initial, accumulate=2)) < 1e-4
 
 
-@pytest.mark.parametrize("join", ["gradual", pytest.param("schedule", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("join", ["gradual", "recompile", pytest.param("schedule", marks=pytest.mark.slow)])
 def test_mixed_float16_trains_the_late_backbone_and_the_head(join, tmp_path):
     keras.config.set_dtype_policy("mixed_float16")
     try:
