@@ -5,7 +5,7 @@ the plain optimizer on the same model, same process, same rounds:
 - full training step <= 1.02x plain; optimizer step only <= 1.05x plain;
 - first call (trace + compile) <= 1.10x plain (not applicable to eager torch);
 - optimizer memory = plain + a constant (the same few bytes for every model);
-- rule resolution for 10,000 variables x 100 rules < 1 s;
+- rule resolution for 10,000 variables x 100 rules < 0.5 s, for every selector kind;
 - with one group per variable (~50 groups): faster optimizer step and faster
   first call than Keras' MultiOptimizer.
 Verdicts use the median of the paired per-round ratios; the spread next to it
@@ -17,7 +17,7 @@ from __future__ import annotations
 FULL_STEP_MAX = 1.02
 OPT_STEP_MAX = 1.05
 FIRST_CALL_MAX = 1.10
-RESOLVE_MAX_S = 1.0
+RESOLVE_MAX_S = 0.5
 MEMORY_CONSTANT_MAX = 64  # bytes: a scalar or two, never per variable
 MANY_GROUPS_MODEL = "tfm_pv"
 
@@ -81,14 +81,23 @@ def targets(result: dict) -> list[dict]:
             rows.append(dict(target="optimizer memory = plain + constant",
                              config=config["config"], model="all", measured=shown,
                              verdict=_verdict(ok)))
-        res = config.get("rule_resolution")
-        if res:
+        for res in _resolution_rows(config):
+            kind = f", {res['label']}" if "label" in res else ""
             rows.append(dict(
-                target=f"resolve {res['variables']:,} variables x {res['lr_rules']} rules < {RESOLVE_MAX_S:g} s",
+                target=f"resolve {res['variables']:,} variables x {res['lr_rules']} rules{kind} "
+                       f"< {RESOLVE_MAX_S:g} s",
                 config=config["config"], model="-",
                 measured=f"{res['resolve_s']:.2f} s (build: {res['build_s']:.2f} s)",
                 verdict=_verdict(res["resolve_s"] < RESOLVE_MAX_S)))
     return rows
+
+
+def _resolution_rows(config: dict) -> list[dict]:
+    """One figure per selector kind; results from before the kinds: one figure."""
+    res = config.get("rule_resolution")
+    if not res:
+        return []
+    return list(res["kinds"].values()) if "kinds" in res else [res]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -177,11 +186,14 @@ def markdown_summary(result: dict) -> str:
               "A/A noise (full / optimizer step)"]
     out = _table(header, rows)
     for config in result["configs"]:
-        res = config.get("rule_resolution")
-        if res:
+        figures = _resolution_rows(config)
+        if figures:
+            res = figures[0]
             out += (f"\n\nRule resolution, {res['variables']:,} variables x {res['lr_rules']} "
-                    f"rules: {res['resolve_s']:.2f} s "
-                    f"{_verdict(res['resolve_s'] < RESOLVE_MAX_S)} (< {RESOLVE_MAX_S:g} s).")
+                    f"rules (< {RESOLVE_MAX_S:g} s): "
+                    + "; ".join(f"{r['label'] + ' ' if 'label' in r else ''}{r['resolve_s']:.2f} s "
+                                f"{_verdict(r['resolve_s'] < RESOLVE_MAX_S)}" for r in figures)
+                    + ".")
     return out
 
 

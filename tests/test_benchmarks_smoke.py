@@ -23,7 +23,7 @@ from conftest import BACKEND
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import _report, _worker  # noqa: E402
+from benchmarks import _report, _resolve_bench, _worker  # noqa: E402
 
 MODELS = ["conv", "embed"]  # AdamW with decay groups; Adam on an embedding (sparse grads on TF)
 CONTENDERS = ["plain", "layerlr", "multi", "split", "gradscale"]
@@ -125,12 +125,38 @@ def test_memory_is_plain_plus_the_wrappers_two_scalars(run):
 
 
 def test_resolution_figure_is_recorded(run):
-    out, _ = run
+    out, stdout = run
     (config,) = json.loads((out / "latest.json").read_text())["configs"]
     res = config["rule_resolution"]
     assert res["variables"] == 1000 and res["lr_rules"] == 30
     assert 0 < res["variables_matching_no_lr_rule"] < 1000
     assert res["resolve_s"] > 0
+    # One figure per selector kind, each with a verdict of its own.
+    assert list(res["kinds"]) == list(_resolve_bench.KINDS)
+    for kind, figure in res["kinds"].items():
+        assert figure["lr_rules"] == 30 and figure["resolve_s"] > 0, kind
+        assert 0 < figure["variables_matching_no_lr_rule"] < figure["variables"], kind
+        assert f"rules, {figure['label']} < 0.5 s" in stdout
+    assert res["kinds"]["paths"]["resolve_s"] == res["resolve_s"]
+
+
+def test_resolution_benchmark_runs_alone(tmp_path, capsys):
+    figures = tmp_path / "resolution.json"
+    assert _resolve_bench.main(["--variables", "1000", "--rules", "30", "--repeats", "1",
+                                "--kinds", "blocks", "types", "--json", str(figures)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(figures.read_text())
+    assert list(result["kinds"]) == ["blocks", "types"]
+    blocks = result["kinds"]["blocks"]
+    # 500 Dense layers in 40 blocks (13 or 12 each); 1 rule in 5 is a whole
+    # block (the first 6), the others layers inside those blocks.
+    assert blocks["variables"] == 1000 and blocks["lr_rules"] == 30
+    assert blocks["variables_matching_no_lr_rule"] == 2 * (500 - 6 * 13)
+    # Layer k is of type k % 60; the rules select the first 30 types.
+    types = result["kinds"]["types"]
+    assert types["variables_matching_no_lr_rule"] == 2 * sum(k % 60 >= 30 for k in range(500))
+    for kind in ("Sequential blocks", "layer types"):
+        assert next(line for line in out.splitlines() if kind in line).endswith(("PASS |", "FAIL |"))
 
 
 def test_render_rewrites_the_markdown_from_the_json(run, tmp_path, capsys):
@@ -187,13 +213,20 @@ def _result(layerlr_full, layerlr_opt, layerlr_first, multi_opt, bytes_conv, byt
     }]}
 
 
+def _with_kinds(result, **resolve_s):
+    result["configs"][0]["rule_resolution"]["kinds"] = {
+        kind: {"label": _resolve_bench.KINDS[kind], "variables": 10_000, "lr_rules": 100,
+               "resolve_s": s, "build_s": s} for kind, s in resolve_s.items()}
+    return result
+
+
 def _verdicts(result):
     return {(r["target"].split(" <")[0].split(" =")[0], r["model"].split(" ")[0]): r["verdict"]
             for r in _report.targets(result)}
 
 
 def test_targets_pass_at_the_limits_and_fail_beyond():
-    ok = _verdicts(_result(1.02, 1.05, 1.10, 0.9, 12, 12, 0.5))
+    ok = _verdicts(_result(1.02, 1.05, 1.10, 0.9, 12, 12, 0.49))
     assert set(ok.values()) == {"PASS"} and len(ok) == 10
     bad = _verdicts(_result(1.03, 1.06, 1.11, 1.01, 12, 12, 1.5))
     assert bad[("full step", "conv")] == bad[("optimizer step", "tfm_pv")] == "FAIL"
@@ -201,6 +234,18 @@ def test_targets_pass_at_the_limits_and_fail_beyond():
     assert bad[("optimizer step faster than MultiOptimizer", "tfm_pv")] == "FAIL"
     assert bad[("compile faster than MultiOptimizer", "tfm_pv")] == "PASS"  # 0.5 in both
     assert bad[("optimizer memory", "all")] == "PASS"
+
+
+def test_resolution_has_a_verdict_per_selector_kind():
+    result = _with_kinds(_result(1.0, 1.0, 1.0, 0.9, 12, 12, 0.1), paths=0.1, layers=0.49, blocks=0.5)
+    verdicts = _verdicts(result)
+    prefix = "resolve 10,000 variables x 100 rules, "
+    assert verdicts[(prefix + "globs, regexes, a tuple of globs", "-")] == "PASS"
+    assert verdicts[(prefix + "layer objects", "-")] == "PASS"
+    assert verdicts[(prefix + "Sequential blocks (+ layers inside them)", "-")] == "FAIL"
+    assert ("resolve 10,000 variables x 100 rules", "-") not in verdicts  # no kind-less row
+    summary = _report.markdown_summary({"configs": result["configs"]})
+    assert "layer objects 0.49 s PASS; Sequential blocks (+ layers inside them) 0.50 s FAIL." in summary
 
 
 def test_memory_target_fails_when_the_extra_bytes_grow_with_the_model():

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +104,46 @@ def test_console_script(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "b1/kernel" in done.stdout and "Trainable: 83 params" in done.stdout
+
+
+# What the console script pip writes for the entry point does, plus a report
+# of the exit status and of which backends got imported.
+CONSOLE_SCRIPT = """
+import importlib, json, sys
+module, _, name = sys.argv[1].partition(":")
+try:
+    status = getattr(importlib.import_module(module), name)(sys.argv[3:])
+except SystemExit as exit:
+    status = exit.code
+backends = [m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules]
+with open(sys.argv[2], "w") as f:
+    json.dump({"status": status, "backends": backends}, f)
+"""
+ENTRY_POINT = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())[
+    "project"]["scripts"]["layerlr"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"]])
+def test_help_and_version_import_no_backend(tmp_path, args):
+    report = tmp_path / "report.json"
+    # Without TF_CPP_MIN_LOG_LEVEL, importing TensorFlow would log to stderr.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT, ENTRY_POINT, str(report), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert json.loads(report.read_text()) == {"status": 0, "backends": []}
+    if args == ["--version"]:
+        assert done.stdout == f"layerlr {layerlr.__version__}\n"
+    else:
+        assert done.stdout.startswith("usage: layerlr ")
+        assert ("inspect" in done.stdout and "demo" in done.stdout) if args == ["--help"] else (
+            "--import MODULE" in done.stdout)
+
+
+def test_demo_help_lists_the_demos_own_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: layerlr demo ") and "--quick" in out and "--out-dir" in out

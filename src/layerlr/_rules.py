@@ -75,6 +75,14 @@ def _segment_subpaths(path: str) -> list[str]:
 # --- selectors ---------------------------------------------------------------
 # Each selector answers `matches(variable, layers_of)` where `layers_of(v)`
 # returns the layers that own `v` (needed only by layer-type selectors).
+# `resolve` asks each selector once per resolution for a cheaper equivalent
+# test (`_compile`), because `matches` on a layer would rebuild `layer.weights`
+# for every variable tested (seconds for 10,000 variables).
+
+# What a compiled test looks at: `id(variable) in a set`, the variable's path,
+# or the variable itself.
+_IDS, _PATH, _VAR = "ids", "path", "variable"
+_IDS_OR_PATH = "ids or path"  # (ids, path test): a tuple of layers and globs
 
 
 class _Selector:
@@ -98,16 +106,33 @@ class _Selector:
         """Variables the selector names directly (layers, variables), else None."""
         return None
 
+    def _compile(self, context: _Context) -> tuple[str, Any]:
+        """``(kind, test)`` deciding as `matches` does, for one resolution.
+
+        ``_IDS``: a set of ``id(variable)``; ``_PATH``: an ``re.Pattern`` that
+        `search`es the path, or ``test(path)``, truthy on a match; ``_VAR``:
+        ``test(variable)``, truthy on a match; ``_IDS_OR_PATH``: ``(ids, path
+        test)``, a match when either matches.
+        """
+        if self.path_search is not None:
+            return _PATH, self.path_search
+        layers_of = context.layers_of
+        return _VAR, lambda variable: self.matches(variable, layers_of)
+
 
 class _Glob(_Selector):
     def __init__(self, pattern: str):
         if not pattern:
             raise ValueError("An empty string is not a valid selector.")
         self.pattern = pattern
-        self.path_search = _glob_regex(pattern).search
+        self.regex = _glob_regex(pattern)
+        self.path_search = self.regex.search
 
     def matches(self, variable, layers_of):
         return self.path_search(variable_path(variable)) is not None
+
+    def _compile(self, context):
+        return _PATH, self.regex
 
     def describe(self):
         return repr(self.pattern)
@@ -121,9 +146,39 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
     A run starts at the path's start or after a "/" and ends at its end or
     before a "/": one search instead of an fnmatch per run (n^2/2 of them).
+    The boundaries are negative lookarounds rather than ``(?:^|(?<=/))``,
+    and a leading literal is matched before its boundary is checked, which
+    lets `re` scan for the literal like ``str.find``: 2-5x faster searches,
+    the bulk of resolving 100 globs.
     """
-    body = re.sub(r"\\[Zz]$", "", fnmatch.translate(pattern))
-    return re.compile(r"(?:^|(?<=/))(?:" + body + r")(?=/|$)")
+    literal = re.match(r"[^*?\[]*", pattern).group()
+    rest = pattern[len(literal):]
+    body = re.sub(r"\\[Zz]$", "", fnmatch.translate(rest)) if rest else ""
+    if not literal:
+        return re.compile(r"(?<![^/])(?:" + body + r")(?![^/])")
+    escaped = re.escape(literal)
+    return re.compile(escaped + r"(?<![^/]" + escaped + r")(?:" + body + r")(?![^/])")
+
+
+def _search_of(path_test) -> Callable[[str], Any]:
+    """A compiled path test (a pattern or a callable) as ``test(path)``."""
+    return path_test.search if isinstance(path_test, re.Pattern) else path_test
+
+
+def _joinable(path_test) -> bool:
+    """True for a pattern that means the same inside ``(?:...)|(?:...)``.
+
+    Without groups there are no backreferences to renumber, and with no flags
+    but the default there are no global inline flags (``(?i)``, ``(?x)``) that
+    would apply to, or be refused in, the joined pattern.
+    """
+    return (isinstance(path_test, re.Pattern) and isinstance(path_test.pattern, str)
+            and path_test.groups == 0 and path_test.flags == re.UNICODE)
+
+
+def _join(patterns) -> re.Pattern:
+    """One pattern that `search`es a path iff one of the `_joinable` ``patterns`` does."""
+    return re.compile("|".join(f"(?:{p.pattern})" for p in patterns))
 
 
 class _Regex(_Selector):
@@ -133,6 +188,9 @@ class _Regex(_Selector):
 
     def matches(self, variable, layers_of):
         return self.pattern.search(variable_path(variable)) is not None
+
+    def _compile(self, context):
+        return _PATH, self.pattern
 
     def describe(self):
         return f"re.compile({self.pattern.pattern!r})"
@@ -151,6 +209,9 @@ class _LayerInstance(_Selector):
     def matches(self, variable, layers_of):
         return any(variable is w for w in self.layer.weights)
 
+    def _compile(self, context):
+        return _IDS, context.weight_ids(self.layer)
+
     def describe(self):
         return f"layer {self.layer.name!r}"
 
@@ -168,6 +229,9 @@ class _VariableInstance(_Selector):
 
     def matches(self, variable, layers_of):
         return variable is self.variable
+
+    def _compile(self, context):
+        return _IDS, {id(self.variable)}
 
     def describe(self):
         return f"variable {variable_path(self.variable)!r}"
@@ -190,6 +254,9 @@ class _SavedPaths(_Selector):
         path = variable_path(variable)
         return any(same_variable_path(saved, path) for saved in self.paths)
 
+    def _compile(self, context):
+        return _IDS, context.same_path_ids(self.paths)
+
     def describe(self):
         return self.description
 
@@ -209,6 +276,9 @@ class _LayerType(_Selector):
     def matches(self, variable, layers_of):
         return any(isinstance(layer, self.layer_type) for layer in layers_of(variable))
 
+    def _compile(self, context):
+        return _IDS, context.type_ids(self.layer_type)
+
     def describe(self):
         return f"type {self.layer_type.__name__}"
 
@@ -227,11 +297,19 @@ class _Predicate(_Selector):
         try:
             return bool(self.predicate(variable))
         except Exception as error:
-            raise ValueError(
-                f"The rule {self.describe()} raised {type(error).__name__} on the "
-                f"variable {variable_path(variable)!r}: {error}. A predicate gets each "
-                "keras.Variable (.path, .name, .shape, .dtype) and returns True or False."
-            ) from error
+            raise self.error(error, variable) from error
+
+    def error(self, error: Exception, variable) -> ValueError:
+        return ValueError(
+            f"The rule {self.describe()} raised {type(error).__name__} on the "
+            f"variable {variable_path(variable)!r}: {error}. A predicate gets each "
+            "keras.Variable (.path, .name, .shape, .dtype) and returns True or False."
+        )
+
+    def _compile(self, context):
+        # The bare predicate saves a call per test; `resolve` wraps its errors
+        # as `matches` does.
+        return _VAR, self.predicate
 
     def describe(self):
         name = getattr(self.predicate, "__qualname__", None) or repr(self.predicate)
@@ -254,6 +332,58 @@ class _AnyOf(_Selector):
 
     def matches(self, variable, layers_of):
         return any(s.matches(variable, layers_of) for s in self.selectors)
+
+    def _compile(self, context):
+        parts = [
+            # Inside a tuple a predicate's errors must be wrapped where it is called.
+            (_VAR, lambda v, s=s: s.matches(v, None)) if isinstance(s, _Predicate)
+            else s._compile(context)
+            for s in self.selectors
+        ]
+        if any(kind is _VAR for kind, _ in parts):
+            # A variable test may raise or have effects: keep the tuple's order.
+            parts = [(kind, _search_of(part) if kind is _PATH else
+                      (part[0], _search_of(part[1])) if kind is _IDS_OR_PATH else part)
+                     for kind, part in parts]
+
+            def test(variable):
+                for kind, part in parts:
+                    if kind is _IDS:
+                        if id(variable) in part:
+                            return True
+                    elif kind is _PATH:
+                        if part(variable_path(variable)):
+                            return True
+                    elif kind is _IDS_OR_PATH:
+                        if id(variable) in part[0] or part[1](variable_path(variable)):
+                            return True
+                    elif part(variable):
+                        return True
+                return False
+
+            return _VAR, test
+        # Membership and path tests cannot raise, so their order is free: the
+        # set is settled up front like a layer's, the paths in the loop.
+        ids: set[int] = set()
+        paths = []  # patterns or callables
+        for kind, part in parts:
+            if kind is _IDS:
+                ids |= part
+            elif kind is _PATH:
+                paths.append(part)
+            else:
+                ids |= part[0]
+                paths.append(part[1])
+        if not paths:
+            return _IDS, ids
+        if len(paths) == 1:
+            path_test = paths[0]
+        elif all(_joinable(p) for p in paths):
+            path_test = _join(paths)  # one search instead of one per part
+        else:
+            searches = [_search_of(p) for p in paths]
+            path_test = lambda path: any(search(path) for search in searches)  # noqa: E731
+        return (_IDS_OR_PATH, (ids, path_test)) if ids else (_PATH, path_test)
 
     def describe(self):
         return "(" + ", ".join(s.describe() for s in self.selectors) + ")"
@@ -445,6 +575,136 @@ def rules_from_config(config) -> tuple[Rule, ...]:
     )
 
 
+class _Context:
+    """What the selectors of one resolution share, each computed at most once.
+
+    Valid for one call of `resolve` only: layers gain weights and variables
+    are created between calls.
+    """
+
+    def __init__(self, layers_of: Callable | None, tested: Sequence):
+        self.layers_of = layers_of
+        self._tested = tested  # every variable a rule is asked about
+        self._weight_ids: dict[int, set[int]] = {}
+        self._owners: list | None = None
+        self._by_path: dict[str, list[int]] | None = None
+        self._by_tail: dict[str, list[int]] | None = None
+
+    def weight_ids(self, layer) -> set[int]:
+        """``id`` of every weight of ``layer``, frozen ones included."""
+        ids = self._weight_ids.get(id(layer))
+        if ids is None:
+            ids = self._weight_ids[id(layer)] = {id(w) for w in layer.weights}
+        return ids
+
+    def type_ids(self, layer_type: type) -> set[int]:
+        """The tested variables owned by some instance of ``layer_type``.
+
+        Each owning layer is type-checked once, not once per variable it owns.
+        """
+        if self._owners is None:
+            owned: dict[int, tuple[Any, list[int]]] = {}
+            for variable in self._tested:
+                for layer in self.layers_of(variable):
+                    entry = owned.get(id(layer))
+                    if entry is None:
+                        owned[id(layer)] = (layer, [id(variable)])
+                    else:
+                        entry[1].append(id(variable))
+            self._owners = list(owned.values())
+        ids: set[int] = set()
+        for layer, owned_ids in self._owners:
+            if isinstance(layer, layer_type):
+                ids.update(owned_ids)
+        return ids
+
+    def same_path_ids(self, saved_paths) -> set[int]:
+        """The tested variables whose path is `same_variable_path` as a saved one.
+
+        Looked up from the saved paths' side: a path matches when equal, or
+        when one is a run of trailing segments of the other.
+        """
+        if self._by_path is None:
+            self._by_path, self._by_tail = {}, {}
+            for variable in self._tested:
+                path = variable_path(variable)
+                self._by_path.setdefault(path, []).append(id(variable))
+                for tail in _proper_tails(path):
+                    self._by_tail.setdefault(tail, []).append(id(variable))
+        ids: set[int] = set()
+        for saved in saved_paths:
+            ids.update(self._by_path.get(saved, ()))  # equal
+            ids.update(self._by_tail.get(saved, ()))  # saved is a tail of the path
+            for tail in _proper_tails(saved):  # the path is a tail of saved
+                ids.update(self._by_path.get(tail, ()))
+        return ids
+
+
+def _proper_tails(path: str) -> list[str]:
+    """What follows each "/": the ``t`` for which ``path.endswith("/" + t)``."""
+    tails = []
+    cut = path.find("/")
+    while cut != -1:
+        tails.append(path[cut + 1:])
+        cut = path.find("/", cut + 1)
+    return tails
+
+
+# How `resolve` runs a per-variable test: on the variable, on its path, or as
+# a chunk of consecutive path rules whose patterns are searched as one first.
+_ON_VARIABLE, _ON_PATH, _CHUNK = 0, 1, 2
+
+
+def _per_variable_tests(compiled) -> list[tuple[int, int, Any]]:
+    """``(first rule index, how, test)`` for the rules not decided by set membership.
+
+    Consecutive rules with `_joinable` patterns become one chunk, tested
+    with all their patterns joined in one alternation, which matches iff
+    one of them does; only then are they tried one by one. Most variables
+    match few of the path rules, so a run of them mostly costs one C-level
+    search instead of one Python call per rule.
+    """
+    tests: list[tuple[int, int, Any]] = []
+    chunk: list[tuple[int, re.Pattern]] = []
+
+    def close_chunk():
+        if len(chunk) == 1:
+            tests.append((chunk[0][0], _ON_PATH, chunk[0][1].search))
+        elif chunk:
+            members = [(i, pattern.search) for i, pattern in chunk]
+            tests.append((chunk[0][0], _CHUNK, (_join([p for _, p in chunk]).search, members)))
+        chunk.clear()
+
+    for i, (test_kind, test) in enumerate(compiled):
+        if test_kind is _IDS:
+            continue
+        if test_kind is _VAR:
+            close_chunk()
+            tests.append((i, _ON_VARIABLE, test))
+            continue
+        path_test = test if test_kind is _PATH else test[1]  # _IDS_OR_PATH: set settled apart
+        if _joinable(path_test):
+            chunk.append((i, path_test))
+        else:
+            close_chunk()
+            tests.append((i, _ON_PATH, _search_of(path_test)))
+    close_chunk()
+    return tests
+
+
+def _matcher(selector: _Selector, kind: str, test, layers_of) -> Callable[[Any], bool]:
+    """``variable -> bool`` from a compiled test, for the checks after resolving."""
+    if kind is _IDS:
+        return lambda variable: id(variable) in test
+    if kind is _PATH:
+        search = _search_of(test)
+        return lambda variable: bool(search(variable_path(variable)))
+    if kind is _IDS_OR_PATH:
+        ids, search = test[0], _search_of(test[1])
+        return lambda variable: id(variable) in ids or bool(search(variable_path(variable)))
+    return lambda variable: selector.matches(variable, layers_of)  # errors wrapped
+
+
 def resolve(
     rules: tuple[Rule, ...],
     variables: Sequence,
@@ -468,32 +728,69 @@ def resolve(
             "model.fit / train_on_batch, or build the optimizer with "
             "`optimizer.build(model)` before a custom training loop."
         )
-    result: list[tuple[Multiplier, str | None]] = []
-    used = [False] * len(rules)
-    searches = [rule.selector.path_search for rule in rules]
+    variables = list(variables)
+    frozen = list(frozen) if check_unused else []
+    context = _Context(layers_of, variables + frozen)
+    compiled = [rule.selector._compile(context) for rule in rules]
+    n_rules = len(rules)
+    # Rules decided by set membership are settled for every variable up
+    # front, first rule first; the per-variable loop below then tries only
+    # the path and variable tests of the rules before that one.
+    first_by_id: dict[int, int] = {}
+    for i, (test_kind, test) in enumerate(compiled):
+        if test_kind is _IDS or test_kind is _IDS_OR_PATH:
+            for variable_id in test if test_kind is _IDS else test[0]:
+                first_by_id.setdefault(variable_id, i)
+    tests = _per_variable_tests(compiled)
+    first_test = tests[0][0] if tests else n_rules
+    values = [rule.value for rule in rules]
     descriptions = [rule.describe() for rule in rules]
+    result: list[tuple[Multiplier, str | None]] = []
+    used = [False] * n_rules
     for variable in variables:
-        path = variable_path(variable)
-        for i, rule in enumerate(rules):
-            search = searches[i]
-            if (
-                search(path) is not None
-                if search is not None
-                else rule.selector.matches(variable, layers_of)
-            ):
-                result.append((rule.value, descriptions[i]))
-                used[i] = True
-                break
+        winner = first_by_id.get(id(variable), n_rules)
+        if first_test < winner:
+            path = variable_path(variable)
+            i = first_test
+            try:
+                for i, how, test in tests:
+                    if i >= winner:
+                        break
+                    if how == _ON_PATH:
+                        if test(path):
+                            winner = i
+                            break
+                    elif how == _ON_VARIABLE:
+                        if test(variable):
+                            winner = i
+                            break
+                    elif test[0](path) is not None:
+                        found = next((j for j, search in test[1]
+                                      if j < winner and search(path) is not None), None)
+                        if found is not None:
+                            winner = found
+                            break
+            except Exception as error:
+                selector = rules[i].selector
+                if isinstance(selector, _Predicate):
+                    raise selector.error(error, variable) from error
+                raise
+        if winner < n_rules:
+            result.append((values[winner], descriptions[winner]))
+            used[winner] = True
         else:
             result.append((1.0, None))
-    for rule, was_used in zip(rules, used):
-        if check_unused and not was_used and not any(rule.selector.matches(v, layers_of) for v in frozen):
-            _raise_if_selects_nothing(rule, rules, variables, kind, layers_of, model_weights)
+    if check_unused and not all(used):
+        matchers = [_matcher(rule.selector, test_kind, test, layers_of)
+                    for rule, (test_kind, test) in zip(rules, compiled)]
+        for i, rule in enumerate(rules):
+            if not used[i] and not any(matchers[i](v) for v in frozen):
+                _raise_if_selects_nothing(rule, rules, variables, kind, matchers, model_weights)
     return result
 
 
 def _raise_if_selects_nothing(
-    rule: Rule, rules, variables, kind: str, layers_of, model_weights=None
+    rule: Rule, rules, variables, kind: str, matchers: list, model_weights=None
 ) -> None:
     own = rule.selector.own_variables()
     if own:
@@ -516,10 +813,11 @@ def _raise_if_selects_nothing(
             "no weights yet. Build the model (call it on data or use "
             "model.build(input_shape)) before building the optimizer."
         )
-    shadowed = next((v for v in variables if rule.selector.matches(v, layers_of)), None)
+    matches = matchers[next(i for i, r in enumerate(rules) if r is rule)]
+    shadowed = next((v for v in variables if matches(v)), None)
     if shadowed is not None:
         # Legitimate when composing rule lists (first match wins), so not an error.
-        winner = next(r for r in rules if r.selector.matches(shadowed, layers_of))
+        winner = next(r for r, m in zip(rules, matchers) if m(shadowed))
         warnings.warn(
             f"layerlr: the {kind} rule {rule.describe()} never applies: every "
             f"variable it selects (e.g. {variable_path(shadowed)!r}) is taken by the "

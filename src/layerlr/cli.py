@@ -4,6 +4,10 @@
   was compiled with a `layerlr.LayerwiseOptimizer` (``--json`` for records).
 - ``layerlr demo``: the fine-tuning demo (`layerlr.demo`).
 
+The command's entry point and argument parsing are in the top-level module
+`layerlr_cli`, so that ``layerlr --help`` does not import Keras; this module
+runs the commands (``python -m layerlr.cli`` works too).
+
 Example:
 
 >>> import os, tempfile, keras, layerlr
@@ -34,12 +38,13 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Sequence
 
 import keras
 
-import layerlr
-from layerlr import _summary, demo
+from layerlr import _summary
+from layerlr_cli import main
+
+__all__ = ["main"]
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -75,52 +80,6 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         _summary.summary(model, optimizer, width=args.width)
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    return demo.run_from_args(args)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="layerlr",
-        description="Per-layer learning-rate and weight-decay multipliers for Keras 3.",
-    )
-    parser.add_argument("--version", action="version", version=f"layerlr {layerlr.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    inspect = commands.add_parser(
-        "inspect",
-        help="print which learning rate every variable of a saved model gets",
-        description="Print the multiplier table of a saved model (.keras) compiled "
-        "with a layerlr.LayerwiseOptimizer.",
-    )
-    inspect.add_argument("model", help="the saved model, e.g. model.keras")
-    inspect.add_argument("--json", action="store_true", help="print the records as JSON")
-    inspect.add_argument("--width", type=int, default=None,
-                         help="line width (default: the terminal's)")
-    inspect.add_argument("--import", dest="imports", action="append", default=[],
-                         metavar="MODULE",
-                         help="import MODULE first (registers custom layers); repeatable")
-    inspect.add_argument("--unsafe", action="store_true",
-                         help="allow loading Lambda layers (safe_mode=False); trusted files only")
-    inspect.set_defaults(run=_inspect)
-
-    demo_parser = commands.add_parser(
-        "demo",
-        help="run the fine-tuning demo (needs: pip install \"layerlr[demo]\")",
-        description="Fine-tune a pretrained 5-conv net on a new digits task and compare "
-        "one learning rate, a frozen backbone, per-layer rates and layer-wise decay.",
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=_demo)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``layerlr COMMAND ...`` and returns the exit status."""
-    args = _parser().parse_args(argv)
-    return args.run(args)
 
 
 if __name__ == "__main__":
