@@ -255,6 +255,8 @@ class _SavedPaths(_Selector):
         return any(same_variable_path(saved, path) for saved in self.paths)
 
     def _compile(self, context):
+        if self.structures is not None and context.layers_of is not None:
+            return _VAR, lambda variable: self.matches(variable, context.layers_of)
         return _IDS, context.same_path_ids(self.paths)
 
     def describe(self):
