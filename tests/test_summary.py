@@ -433,3 +433,24 @@ def test_two_predicate_rules_are_two_groups_with_their_own_rates(tmp_path):
     assert {k: v for k, v in again.history.items() if k.startswith("learning_rate/")} == {
         k: pytest.approx(v[-1:], rel=1e-6) for k, v in logged.items()
     }
+
+
+@pytest.mark.parametrize("reducer_first", [True, False])
+def test_logger_agrees_with_keras_learning_rate_column_under_reduce_lr_on_plateau(reducer_first):
+    model, backbone = backbone_model()
+    opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1), lr_mult={backbone: 0.1})
+    model.compile(optimizer=opt, loss="mse")
+    # mode="max" on a falling loss: no improvement after epoch 1, so the rate
+    # halves at the end of every later epoch.
+    reducer = keras.callbacks.ReduceLROnPlateau(monitor="loss", mode="max", factor=0.5, patience=0)
+    logger = LearningRateLogger()
+    x, y = np.ones((8, 6), "float32"), np.zeros((8, 3), "float32")
+    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0,
+                        callbacks=[reducer, logger] if reducer_first else [logger, reducer])
+    keras_column = history.history["learning_rate"]
+    # The rate really changed: the rate used in epoch e, as Keras logs it.
+    assert keras_column == pytest.approx([0.1, 0.1, 0.05, 0.025], rel=1e-6)
+    assert history.history["learning_rate/default"] == pytest.approx(keras_column, rel=1e-6)
+    assert history.history["learning_rate/backbone"] == pytest.approx(
+        [0.1 * r for r in keras_column], rel=1e-6
+    )

@@ -493,10 +493,13 @@ def lr_groups(optimizer) -> dict[str, list[VariableMultipliers]]:
     return groups
 
 
-def group_learning_rates(optimizer) -> dict[str, float]:
-    """Each group's effective learning rate at the optimizer's current step."""
+def group_learning_rates(optimizer, base: float | None = None) -> dict[str, float]:
+    """Each group's effective learning rate at the optimizer's current step.
+
+    ``base`` replaces the base learning rate read from the optimizer.
+    """
     opt = layerwise_optimizer_of(None, optimizer)
-    base = _as_float(opt.learning_rate)
+    base = _as_float(opt.learning_rate) if base is None else float(base)
     return {
         name: base * multiplier_now(members[0].lr_mult, opt)
         for name, members in lr_groups(opt).items()

@@ -47,7 +47,10 @@ class LearningRateLogger(keras.callbacks.Callback):
     decided, named after the rule (``"default"`` for the unmatched ones, so a
     rule ``{"backbone": 0.01}`` gives ``learning_rate/backbone``). The value is
     the base learning rate at the optimizer's current step (schedules included)
-    times the group's ``lr_mult``, the rate its next update uses.
+    times the group's ``lr_mult``, the rate its next update uses. Callbacks that
+    change the rate at the end of an epoch (``ReduceLROnPlateau``) do not shift
+    it by an epoch: the values match Keras' own ``learning_rate`` column
+    whichever callback comes first.
 
     The values go into the epoch logs, so ``History``, ``CSVLogger`` and the
     progress bar show them. When a ``keras.callbacks.TensorBoard`` callback is in
@@ -93,8 +96,16 @@ class LearningRateLogger(keras.callbacks.Callback):
             ]
 
     def on_epoch_end(self, epoch, logs=None):
+        # Keras' own `learning_rate` column (written by ReduceLROnPlateau,
+        # LearningRateScheduler or TensorBoard) is the base rate before any
+        # callback changes it at this epoch's end. When one of them ran before
+        # us and may have changed it since, that value is our base too, so the
+        # two columns agree whatever the order of the callbacks.
+        base = (logs or {}).get("learning_rate")
+        if isinstance(base, bool) or not isinstance(base, (int, float)):
+            base = None
         # Read the optimizer each time: compiling again replaces it.
-        rates = _summary.group_learning_rates(self.model.optimizer)
+        rates = _summary.group_learning_rates(self.model.optimizer, base)
         values = {f"{self.prefix}{name}": rate for name, rate in rates.items()}
         if logs is not None:
             logs.update(values)
