@@ -124,3 +124,37 @@ def test_clear_error_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r'pip install "layerlr\[plot\]"'):
         layerlr.plot.learning_rates(model, opt)
+
+
+def _visible_labels(fig, axis):
+    fig.canvas.draw()  # lays out the text, so that extents are real
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in labels], renderer
+
+
+def _overlapping(boxes):
+    return [(a, b) for i, (a, ea) in enumerate(boxes) for b, eb in boxes[i + 1:] if ea.overlaps(eb)]
+
+
+@pytest.mark.parametrize("lr, mult", [(5e-4, 0.3), (1e-3, 0.01), (1e-2, 1e-5)])
+def test_rate_labels_never_overlap_and_every_row_is_inside_the_frame(lr, mult):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    model, backbone, _ = model_and_optimizer()
+    model.get_layer("neck").trainable = False  # a text row in the middle
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.Adam(lr), lr_mult=[(backbone.get_layer("b1"), 0.0), ("head", mult)]
+    )
+    fig = layerlr.plot.learning_rates(model, opt)
+    FigureCanvasAgg(fig)
+    ax = fig.axes[0]
+    labels, renderer = _visible_labels(fig, ax.xaxis)
+    assert len(labels) >= 2, labels  # the scale can be read
+    assert _overlapping(labels) == []
+    # Text-only rows sit at the top (b1: lr_mult 0) and in the middle (neck): inside the frame.
+    assert [t.get_text().strip() for t in ax.texts] == ["lr_mult 0: not updated", "frozen"]
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()

@@ -49,6 +49,31 @@ def _finish(fig, path: str | os.PathLike | None):
     return fig
 
 
+def _readable_log_ticks(ax, axis: str = "x") -> None:
+    """Labels on a log axis that never run into each other.
+
+    Matplotlib labels minor ticks when the visible range holds at most one
+    power of ten, and those labels overlap. Over a short range, label 1, 2 and
+    5 times each power of ten instead; over a long one, the powers of ten only.
+    Call it once the limits are final.
+    """
+    from matplotlib import ticker
+
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    if not (lo > 0 and np.isfinite(hi)):
+        return
+    decades = np.log10(hi) - np.log10(lo)
+    if decades < 2.5:
+        which.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        which.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.0e}".replace("e-0", "e-")))
+    else:
+        which.set_major_locator(ticker.LogLocator(base=10, numticks=12))
+        which.set_major_formatter(ticker.LogFormatterSciNotation())
+    which.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10), numticks=12))
+    which.set_minor_formatter(ticker.NullFormatter())
+
+
 def _group_colors(names) -> dict[str, Any]:
     matplotlib, _ = _matplotlib()
     names = list(dict.fromkeys(names))
@@ -130,9 +155,13 @@ def learning_rates(
         labelled.add(group)
         ax.barh(y, rate, color=colors[group], label=legend)
     ax.set_xscale("log")
-    ax.set_xlim(left=floor)
+    top = max(positive) * 1.5 if positive else floor * 100
+    ax.set_xlim(floor, top)
     ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()  # input at the top
+    # Every row inside the frame, text-only rows (frozen, lr_mult 0) included;
+    # input at the top.
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    _readable_log_ticks(ax, "x")
     ax.set_xlabel("effective learning rate")
     ax.grid(axis="x", which="major", alpha=0.3)
     if labelled:
@@ -214,6 +243,7 @@ def schedule(
     if report.step <= steps:
         ax.axvline(report.step, color="0.5", linestyle=":", label=f"now (step {report.step})")
     ax.set_yscale("log")
+    _readable_log_ticks(ax, "y")
     ax.set_xlabel("training step")
     ax.set_ylabel("effective learning rate")
     ax.grid(alpha=0.3)
@@ -277,6 +307,7 @@ def history(
         shown = np.where(values > 0, values, np.nan)
         ax.plot(epochs, shown, marker="o", color=colors[group], label=group)
     ax.set_yscale("log")
+    _readable_log_ticks(ax, "y")
     ax.set_xlabel("epoch")
     ax.set_ylabel("effective learning rate (end of epoch)")
     ax.grid(alpha=0.3)
