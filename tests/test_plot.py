@@ -195,8 +195,12 @@ def test_update_ratios_lines_band_and_idle_phases(tmp_path):
     lo, hi = ax.get_ylim()
     assert lo < 1e-5 and hi > 3e-3
     assert layerlr.plot.REFERENCE_BAND == (3e-4, 3e-3)
-    labels_on_y, _ = _visible_labels(fig, ax.yaxis)
+    labels_on_y, renderer = _visible_labels(fig, ax.yaxis)
     assert _overlapping(labels_on_y) == []
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0, text.get_text()
 
 
 def test_update_ratios_from_a_history_or_epoch_logs_and_bad_input():

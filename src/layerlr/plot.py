@@ -434,9 +434,8 @@ def update_ratios(
     ax.axhspan(*REFERENCE_BAND, color="tab:green", alpha=0.12, lw=0,
                label="~1e-3 per step (rule of thumb)")
     ax.axhline(1e-3, color="tab:green", lw=0.8, ls="--", alpha=0.7)
-    if len(x) > 1:
-        ax.set_xlim(x[0] - 0.02 * (x[-1] - x[0]), x[-1] + 0.02 * (x[-1] - x[0]))
     spacing = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
+    ax.set_xlim(x[0] - spacing / 2, x[-1] + spacing / 2)  # room for the idle bars
     transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for row, (group, kind, flags) in enumerate(idle):
         y = 0.03 + 0.055 * row
