@@ -73,8 +73,8 @@ def _copy(variable) -> np.ndarray:
 
 
 def _sq(x: np.ndarray) -> float:
-    flat = x.ravel()
-    return float(np.dot(flat, flat))
+    # Not np.dot: BLAS threads fight the backend's own threads for the cores.
+    return float(np.square(x).sum())
 
 
 @dataclass
