@@ -3,6 +3,7 @@
     python -m benchmarks.run            # full: TF, TF+XLA, JAX, torch (~10-15 min on 2 CPU cores)
     python -m benchmarks.run --quick    # one backend (KERAS_BACKEND, default TF), ~2 min
     python -m benchmarks.run --backends jax torch --models tfm_pv
+    python -m benchmarks.run --updates  # what UpdateLogger costs in model.fit, per backend
 
 Each backend configuration runs in its own subprocess (KERAS_BACKEND is fixed
 per process), one after the other so they never compete for the machine.
@@ -127,6 +128,47 @@ def run_config(name: str, settings: dict, args, resolve: bool) -> dict:
         return json.loads(out.read_text())
 
 
+def run_updates(configs, args, settings) -> int:
+    """The UpdateLogger section: fit time with / without it, one process per backend."""
+    results = []
+    for name in configs:
+        backend, jit = CONFIGS[name]
+        if jit:
+            continue  # model.fit's compile setting does not change what the callback does
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "updates.json"
+            cmd = [sys.executable, "-m", "benchmarks.update_logger", "--out", str(out),
+                   "--rounds", str(args.update_rounds or (3 if args.quick else 10)),
+                   "--steps", str(args.update_steps), "--every", str(args.update_every),
+                   "--seed", str(args.seed)] + (["--tiny"] if args.tiny else [])
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+            if args.threads:
+                env.update(thread_env(args.threads, env.get("XLA_FLAGS", "")))
+            print(f"== UpdateLogger cost on {name}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)
+            if proc.returncode != 0 or not out.exists():
+                results.append({"backend": backend, "error": proc.stderr[-3000:]})
+                print(f"   failed: {proc.stderr[-800:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(out.read_text()))
+            print("   " + proc.stdout.strip(), file=sys.stderr, flush=True)
+    from benchmarks import update_logger
+
+    lines = ["# UpdateLogger: model.fit time with / without it", "",
+             f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- machine: {machine()}", f"- threads: {args.threads or 'backend default'}", ""]
+    lines += ["- " + (update_logger.line(r) if "error" not in r else f"{r['backend']}: FAILED")
+              for r in results]
+    text = "\n".join(lines) + "\n"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "updates_latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.output_dir / "updates_latest.md").write_text(text)
+    print(text)
+    return 1 if any("error" in r for r in results) else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
@@ -158,6 +200,12 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="free text stored with the results "
                    "(e.g. 'shared machine, other jobs running')")
     p.add_argument("--strict", action="store_true", help="exit with 1 when a target FAILs")
+    p.add_argument("--updates", action="store_true",
+                   help="only the UpdateLogger section: model.fit time with and without "
+                        "layerlr.callbacks.UpdateLogger, side by side, per backend")
+    p.add_argument("--update-every", type=int, default=100, help="UpdateLogger(every=...) (default 100)")
+    p.add_argument("--update-steps", type=int, default=300, help="steps per timed fit (default 300)")
+    p.add_argument("--update-rounds", type=int, default=None, help="default 10 (3 with --quick)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only rewrite the Markdown next to a results JSON (no measuring)")
     args = p.parse_args(argv)
@@ -181,6 +229,8 @@ def main(argv=None) -> int:
             configs = list(CONFIGS)
     else:
         configs = list(dict.fromkeys(args.backends))
+    if args.updates:
+        return run_updates(configs, args, settings)
     # Resolution is backend-independent Python: measure it once, where creating
     # 10,000 variables is cheapest (TF variables are slow to create).
     resolve_in = next((c for c in configs if CONFIGS[c][0] != "tensorflow"), configs[0])

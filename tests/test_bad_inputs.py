@@ -274,9 +274,36 @@ def test_same_path_twice_multipliers_lists_every_variable():
     assert [m.lr_mult for m in entries] == [1.0, 1.0, 0.1, 0.1]
 
 
-def test_decay_rules_without_weight_decay_warn():
-    with pytest.warns(UserWarning, match=r"decay_mult rules have no effect.*no weight decay.*weight_decay="):
-        layerlr.LayerwiseOptimizer(keras.optimizers.Adam(), decay_mult={"*bias": 0.0})
+def test_decay_rules_without_weight_decay_warn_where_written_not_on_load(tmp_path):
+    with pytest.warns(UserWarning, match=r"decay_mult rules have no effect.*no weight decay.*weight_decay=") as caught:
+        opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(), decay_mult={"*bias": 0.0})
+    # Attributed to the line that wrote the rules.
+    assert [w.filename for w in caught] == [__file__]
+    model = make_model()
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(*data(8), verbose=0)
+    path = tmp_path / "net.keras"
+    model.save(path)
+    with warnings.catch_warnings(record=True) as on_load:
+        warnings.simplefilter("always")
+        loaded = keras.saving.load_model(path)
+    assert not [w for w in on_load if "no effect" in str(w.message)]
+    assert loaded.optimizer._layerlr.decay_rules  # the rules came back all the same
+
+
+def test_repr_names_the_wrapped_optimizer_and_the_rules():
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.AdamW(1e-3),
+        lr_mult=[("backbone", 0.01), ("head", layerlr.schedules.FreezeThenWarmup(10, 10, 0.1))],
+        decay_mult={"*bias": 0.0},
+    )
+    assert repr(opt) == (
+        "LayerwiseOptimizer(AdamW, lr_mult=['backbone': 0.01, 'head': FreezeThenWarmup], "
+        "decay_mult=['*bias': 0])"
+    )
+    many = layerlr.LayerwiseOptimizer("sgd", lr_mult=[(f"d{i}", 1.0) for i in range(9)])
+    assert repr(many).startswith("LayerwiseOptimizer(SGD, lr_mult=['d0': 1, ")
+    assert "... 3 more], decay_mult=[])" in repr(many)
 
 
 # --- applying ---------------------------------------------------------------------------

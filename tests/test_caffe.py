@@ -210,3 +210,52 @@ def test_bad_sources_are_explained(tmp_path):
         layerlr.from_caffe(pathlib.Path(tmp_path / "missing.prototxt"))
     with pytest.raises(TypeError, match="prototxt text .* or a path"):
         layerlr.from_caffe(b"layer {}")
+
+
+# Caffe's siamese example: the second tower shares the first one's blobs by
+# param name; a Keras port calls the same layers twice.
+SIAMESE = """
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  param { name: "conv1_w" lr_mult: 1 } param { name: "conv1_b" lr_mult: 2 } }
+layer { name: "ip1" type: "InnerProduct" bottom: "conv1" top: "ip1"
+  param { name: "ip1_w" lr_mult: 0.1 decay_mult: 1 } param { name: "ip1_b" lr_mult: 0.2 decay_mult: 0 } }
+layer { name: "conv1_p" type: "Convolution" bottom: "data_p" top: "conv1_p"
+  param { name: "conv1_w" lr_mult: 1 } param { name: "conv1_b" lr_mult: 2 } }
+layer { name: "ip1_p" type: "InnerProduct" bottom: "conv1_p" top: "ip1_p"
+  param { name: "ip1_w" lr_mult: 0.1 decay_mult: 1 } param { name: "ip1_b" lr_mult: 0.2 decay_mult: 0 } }
+"""
+
+
+def siamese_keras():
+    conv = keras.layers.Conv2D(2, 3, name="conv1")
+    ip = keras.layers.Dense(3, name="ip1")
+    tower = lambda x: ip(keras.layers.Flatten()(conv(x)))  # noqa: E731
+    a, b = keras.Input((6, 6, 1)), keras.Input((6, 6, 1))
+    return keras.Model([a, b], keras.layers.Subtract()([tower(a), tower(b)]))
+
+
+def test_params_shared_by_name_belong_to_the_layer_that_owns_them():
+    rules = layerlr.from_caffe(SIAMESE)
+    assert rules == {
+        "lr_mult": [("conv1/kernel", 1.0), ("conv1/bias", 2.0), ("ip1/kernel", 0.1), ("ip1/bias", 0.2)],
+        "decay_mult": [("ip1/kernel", 1.0), ("ip1/bias", 0.0)],
+    }
+    model = siamese_keras()
+    opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1, weight_decay=1e-4), **rules)
+    opt.build(model)  # no rule for the missing conv1_p / ip1_p
+    assert {p: m.lr_mult for p, m in opt.multipliers.items()} == {
+        "conv1/kernel": 1.0, "conv1/bias": 2.0, "ip1/kernel": 0.1, "ip1/bias": 0.2,
+    }
+    mismatch = SIAMESE.rsplit('param { name: "ip1_b" lr_mult: 0.2', 1)
+    mismatch = mismatch[0] + 'param { name: "ip1_b" lr_mult: 0.5' + mismatch[1]
+    with pytest.raises(ValueError, match="'ip1' and 'ip1_p' share the param 'ip1_b' with different lr_mult"):
+        layerlr.from_caffe(mismatch)
+
+
+def test_a_solver_with_an_inline_net_is_read():
+    solver = f"base_lr: 0.01\nmomentum: 0.9\nweight_decay: 0.0005\nnet_param {{ {FINE_TUNE} }}\nmax_iter: 100"
+    assert layerlr.from_caffe(solver, layer_name_map=SCALE_INTO_BN) == {
+        "lr_mult": FINE_TUNE_LR, "decay_mult": FINE_TUNE_DECAY,
+    }
+    with pytest.raises(ValueError, match="2 inline nets"):
+        layerlr.from_caffe(f"base_lr: 0.01 net_param {{ {FINE_TUNE} }} train_net_param {{ {FINE_TUNE} }}")

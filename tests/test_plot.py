@@ -124,3 +124,98 @@ def test_clear_error_without_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r'pip install "layerlr\[plot\]"'):
         layerlr.plot.learning_rates(model, opt)
+
+
+def _visible_labels(fig, axis):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()  # lays out the text, so that extents are real
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in labels], renderer
+
+
+def _overlapping(boxes):
+    return [(a, b) for i, (a, ea) in enumerate(boxes) for b, eb in boxes[i + 1:] if ea.overlaps(eb)]
+
+
+@pytest.mark.parametrize("lr, mult", [(5e-4, 0.3), (1e-3, 0.01), (1e-2, 1e-5)])
+def test_rate_labels_never_overlap_and_every_row_is_inside_the_frame(lr, mult):
+    model, backbone, _ = model_and_optimizer()
+    model.get_layer("neck").trainable = False  # a text row in the middle
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.Adam(lr), lr_mult=[(backbone.get_layer("b1"), 0.0), ("head", mult)]
+    )
+    fig = layerlr.plot.learning_rates(model, opt)
+    ax = fig.axes[0]
+    labels, renderer = _visible_labels(fig, ax.xaxis)
+    assert len(labels) >= 2, labels  # the scale can be read
+    assert _overlapping(labels) == []
+    # Text-only rows sit at the top (b1: lr_mult 0) and in the middle (neck): inside the frame.
+    assert [t.get_text().strip() for t in ax.texts] == ["lr_mult 0: not updated", "frozen"]
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, text.get_text()
+
+
+UPDATES = {
+    "step": [0, 10, 20, 30],
+    "update_ratio/backbone": [np.nan, np.nan, 2e-5, 1e-5],
+    "status/backbone": ["frozen", "frozen", "trained", "trained"],
+    "update_ratio/embeddings": [0.0, 0.0, 0.0, 4e-4],
+    "status/embeddings": ["not updated"] * 3 + ["trained"],
+    "update_ratio/default": [3e-3, 2e-3, 1e-3, 1e-3],
+    "status/default": ["trained"] * 4,
+    "grad_norm/default": [1.0, 1.0, 1.0, 1.0],
+}
+
+
+def test_update_ratios_lines_band_and_idle_phases(tmp_path):
+    fig = layerlr.plot.update_ratios(UPDATES, path=tmp_path / "updates.png")
+    assert (tmp_path / "updates.png").read_bytes()[:4] == b"\x89PNG"
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "training step"
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert set(lines) == {"backbone", "embeddings", "default"}
+    assert list(lines["default"].get_xdata()) == [0, 10, 20, 30]
+    np.testing.assert_array_equal(lines["default"].get_ydata(), [3e-3, 2e-3, 1e-3, 1e-3])
+    # Frozen and not-updated steps are not on the log scale...
+    np.testing.assert_array_equal(lines["backbone"].get_ydata(), [np.nan, np.nan, 2e-5, 1e-5])
+    np.testing.assert_array_equal(lines["embeddings"].get_ydata(), [np.nan] * 3 + [4e-4])
+    # ... but drawn along the bottom, labelled, in the group's color.
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == ["backbone: frozen", "embeddings: not updated"]
+    bars = [line for line in ax.lines if line.get_label().startswith("_")
+            and line.get_color() == lines["backbone"].get_color() and line.get_linewidth() == 5]
+    assert len(bars) == 1 and list(bars[0].get_xdata()) == [-5.0, 15.0]  # steps 0-10, half a step around
+    # The reference band around 1e-3 per step, inside the visible range with every value.
+    (band,) = [p for p in ax.patches if p.get_label().startswith("~1e-3")]
+    lo, hi = ax.get_ylim()
+    assert lo < 1e-5 and hi > 3e-3
+    assert layerlr.plot.REFERENCE_BAND == (3e-4, 3e-3)
+    labels_on_y, renderer = _visible_labels(fig, ax.yaxis)
+    assert _overlapping(labels_on_y) == []
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0, text.get_text()
+
+
+def test_update_ratios_from_a_history_or_epoch_logs_and_bad_input():
+    class FakeHistory:
+        history = {"loss": [1.0, 0.5], "update_ratio/default": [2e-3, 1e-3]}
+        layerlr_updates = UPDATES
+
+    fig = layerlr.plot.update_ratios(FakeHistory())
+    assert fig.axes[0].get_xlabel() == "training step"
+    del FakeHistory.layerlr_updates
+    fig = layerlr.plot.update_ratios(FakeHistory())  # per epoch, from 1
+    (line,) = [line for line in fig.axes[0].lines if line.get_label() == "default"]
+    assert list(line.get_xdata()) == [1, 2]
+    assert fig.axes[0].get_xlabel().startswith("epoch")
+    with pytest.raises(ValueError, match="UpdateLogger"):
+        layerlr.plot.update_ratios({"loss": [1.0]})
+    with pytest.raises(TypeError, match="UpdateLogger, the History"):
+        layerlr.plot.update_ratios([1e-3])

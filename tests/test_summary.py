@@ -387,3 +387,70 @@ def test_logger_writes_tensorboard_scalars_in_either_order(tmp_path, logger_firs
         # One point per epoch: never written twice.
         assert [step for step, _ in points] == [0, 1, 2], key
         assert [v for _, v in points] == pytest.approx(values, rel=1e-5), key
+
+
+def test_two_predicate_rules_are_two_groups_with_their_own_rates(tmp_path):
+    """Two lambdas print alike ('predicate <lambda>'); they are still two rules.
+
+    Each group must be logged with its own rate, under distinct keys that stay
+    the same across fits and across save / load_model.
+    """
+    model, backbone = backbone_model()
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.SGD(0.1),
+        lr_mult=[
+            (lambda v: v.path.startswith("backbone/"), 0.01),
+            (lambda v: v.path.startswith("neck/"), 0.5),
+        ],
+    )
+    model.compile(optimizer=opt, loss="mse")
+    x, y = np.ones((8, 6), "float32"), np.zeros((8, 3), "float32")
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LearningRateLogger()])
+    first, second = (
+        "test_two_predicate_rules_are_two_groups_with_their_own_rates.lambda",
+        "test_two_predicate_rules_are_two_groups_with_their_own_rates.lambda_2",
+    )
+    logged = {k: v for k, v in history.history.items() if k.startswith("learning_rate/")}
+    assert logged == {
+        f"learning_rate/{first}": pytest.approx([F32(0.1) * 0.01] * 2, rel=1e-6),
+        f"learning_rate/{second}": pytest.approx([F32(0.1) * 0.5] * 2, rel=1e-6),
+        "learning_rate/default": pytest.approx([F32(0.1)] * 2, rel=1e-6),
+    }
+    records = layerlr.summary_records(model)
+    assert [r["group"] for r in records] == [first] * 4 + [second] * 2 + ["default"] * 2
+    # The plot's bars and legend follow the same groups.
+    pytest.importorskip("matplotlib")
+    from layerlr import plot as layerlr_plot
+
+    legend = [t.get_text() for t in layerlr_plot.learning_rates(model).axes[0].get_legend().get_texts()]
+    assert legend == [f"{first} (x0.01)", f"{second} (x0.5)", "default (x1)"]
+    # Same keys after load_model, where the lambdas come back as descriptions.
+    path = tmp_path / "net.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert [r["group"] for r in layerlr.summary_records(loaded)] == [r["group"] for r in records]
+    again = loaded.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[LearningRateLogger()])
+    assert {k: v for k, v in again.history.items() if k.startswith("learning_rate/")} == {
+        k: pytest.approx(v[-1:], rel=1e-6) for k, v in logged.items()
+    }
+
+
+@pytest.mark.parametrize("reducer_first", [True, False])
+def test_logger_agrees_with_keras_learning_rate_column_under_reduce_lr_on_plateau(reducer_first):
+    model, backbone = backbone_model()
+    opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1), lr_mult={backbone: 0.1})
+    model.compile(optimizer=opt, loss="mse")
+    # mode="max" on a falling loss: no improvement after epoch 1, so the rate
+    # halves at the end of every later epoch.
+    reducer = keras.callbacks.ReduceLROnPlateau(monitor="loss", mode="max", factor=0.5, patience=0)
+    logger = LearningRateLogger()
+    x, y = np.ones((8, 6), "float32"), np.zeros((8, 3), "float32")
+    history = model.fit(x, y, batch_size=4, epochs=4, verbose=0,
+                        callbacks=[reducer, logger] if reducer_first else [logger, reducer])
+    keras_column = history.history["learning_rate"]
+    # The rate really changed: the rate used in epoch e, as Keras logs it.
+    assert keras_column == pytest.approx([0.1, 0.1, 0.05, 0.025], rel=1e-6)
+    assert history.history["learning_rate/default"] == pytest.approx(keras_column, rel=1e-6)
+    assert history.history["learning_rate/backbone"] == pytest.approx(
+        [0.1 * r for r in keras_column], rel=1e-6
+    )

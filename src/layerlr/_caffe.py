@@ -147,6 +147,8 @@ class _Layer:
     name: str
     type: str
     params: list[tuple[float | None, float | None]]  # per blob: (lr_mult, decay_mult)
+    # Per blob: the param's sharing name (param { name: ... }), or None.
+    shared_names: list[str | None] | None = None
 
 
 def _number(value, what: str) -> float:
@@ -222,16 +224,19 @@ def _read_layer(block, index: int) -> _Layer:
     where = where if name is None else f"layer {_string(name, where + ' name')!r}"
     layer_type = block.one("type", where)
     _check_misplaced(block, ("param",), where, _NEW_LAYER_HINT)
-    params = [
-        _read_param_spec(spec, f"{where} param #{i}")
-        for i, spec in enumerate(block.all("param"))
-    ]
+    specs = block.all("param")
+    params = [_read_param_spec(spec, f"{where} param #{i}") for i, spec in enumerate(specs)]
+    shared = []
+    for i, spec in enumerate(specs):
+        value = spec.one("name", f"{where} param #{i}")
+        shared.append(None if value is None else _string(value, f"{where} param #{i} name"))
     if params and name is None:
         raise ValueError(f"{where} has param blocks but no name, so no Keras layer can match it.")
     return _Layer(
         name=None if name is None else _string(name, where),
         type="" if layer_type is None else _string(layer_type, f"{where} type"),
         params=params,
+        shared_names=shared,
     )
 
 
@@ -252,6 +257,7 @@ def _read_v1_layer(block, index: int) -> _Layer:
     for value in block.all("param"):
         if isinstance(value, _Message):
             raise ValueError(f"{where}: param {{ }} blocks belong to the new layer {{ }} format. {_V1_LAYER_HINT}")
+    v1_shared = [str(v) for v in block.all("param")]
     lrs = [_number(v, f"{where}: blobs_lr") for v in block.all("blobs_lr")]
     decays = [_number(v, f"{where}: weight_decay") for v in block.all("weight_decay")]
     count = max(len(lrs), len(decays))
@@ -261,10 +267,13 @@ def _read_v1_layer(block, index: int) -> _Layer:
     ]
     if params and name is None:
         raise ValueError(f"{where} has multipliers but no name, so no Keras layer can match it.")
+    count = max(count, len(v1_shared))
+    params += [(None, None)] * (count - len(params))
     return _Layer(
         name=None if name is None else _string(name, where),
         type="" if layer_type is None else _string(layer_type, f"{where} type"),
         params=params,
+        shared_names=[v1_shared[i] if i < len(v1_shared) else None for i in range(count)],
     )
 
 
@@ -277,6 +286,16 @@ def _read_net(net: _Message, source: str) -> list[_Layer]:
         )
     if not new and not old:
         keys = {key for key, _ in net.fields}
+        inline = [v for key in ("net_param", "train_net_param") for v in net.all(key)]
+        if keys & set(_SOLVER_FIELDS + ("net_param", "train_net_param")) and inline:
+            if len(inline) > 1:
+                raise ValueError(
+                    f"{source} is a solver with {len(inline)} inline nets (net_param / "
+                    "train_net_param); pass the one to read: its text, or a net prototxt."
+                )
+            if not isinstance(inline[0], _Message):
+                raise ValueError(f"{source}: net_param must be a block net_param {{ layer {{ ... }} }}.")
+            return _read_net(inline[0], f"{source} (its net_param)")
         if keys & set(_SOLVER_FIELDS):
             nets = [str(v) for key in ("net", "train_net") for v in net.all(key) if isinstance(v, _Scalar)]
             named = f" (it names {nets[0]!r})" if nets else ""
@@ -381,6 +400,10 @@ def from_caffe(
     become rules; everything else keeps Caffe's and layerlr's default, 1.0.
     ``BatchNorm`` blobs are statistics that no optimizer trains, in Caffe
     (which requires ``lr_mult: 0`` there) as in Keras, so they give no rules.
+    Params shared by name (``param { name: "conv1_w" }`` in two layers, as in
+    Caffe's siamese nets) belong to the first layer that names them, which a
+    Keras port calls twice; the other layer gets no rule for them. A solver
+    prototxt with the net inline (``net_param { ... }``) is read too.
 
     Args:
         prototxt_text_or_path: The net prototxt text, or a path to the file.
@@ -421,9 +444,31 @@ def from_caffe(
     names = _keras_names(layers, layer_name_map)
     lr_rules: dict[str, tuple[float, str]] = {}
     decay_rules: dict[str, tuple[float, str]] = {}
+    # Shared params: the first layer that names a param owns it (a Keras port
+    # reuses that layer); later layers naming it add no rule of their own.
+    owners: dict[str, tuple[str, tuple]] = {}
     for layer in layers:
         if not layer.params:
             continue
+        shared = layer.shared_names or [None] * len(layer.params)
+        skip = set()
+        for i, (param_name, mults) in enumerate(zip(shared, layer.params)):
+            if not param_name:
+                continue
+            if param_name not in owners:
+                owners[param_name] = (layer.name, mults)
+                continue
+            owner, owner_mults = owners[param_name]
+            for kind, mine, theirs in zip(("lr_mult", "decay_mult"), mults, owner_mults):
+                if (1.0 if mine is None else mine) != (1.0 if theirs is None else theirs):
+                    raise ValueError(
+                        f"Caffe layers {owner!r} and {layer.name!r} share the param "
+                        f"{param_name!r} with different {kind} ({theirs} and {mine}); Caffe "
+                        "refuses this too. Give both the same multipliers."
+                    )
+            skip.add(i)
+        if len(skip) == len(layer.params):
+            continue  # every blob belongs to the layer it is shared with
         keras_name = names[layer.name]
         if keras_name is None:
             continue
@@ -436,7 +481,9 @@ def from_caffe(
                 )
             continue
         blobs = _blob_names(layer)
-        for blob, (lr, decay) in zip(blobs, layer.params):
+        for i, (blob, (lr, decay)) in enumerate(zip(blobs, layer.params)):
+            if i in skip:
+                continue
             glob = f"{_glob_escape(keras_name)}/{blob}"
             for rules, value, kind in ((lr_rules, lr, "lr_mult"), (decay_rules, decay, "decay_mult")):
                 if value is None:

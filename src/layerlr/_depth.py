@@ -352,6 +352,20 @@ class _Dag:
             for v in _bits(region & self.keep_mask):
                 units.union(j, v)
 
+    # Token, position and segment embeddings summed into one tensor (BERT,
+    # GPT, KerasHub backbones) are one step, the stem: the join whose only
+    # weighted ancestors are embedding layers takes them all, with the layers
+    # between them (a position embedding called on the token embedding).
+    def merge_embeddings(self, units: _UnionFind) -> None:
+        for j in range(self.n):
+            parents = [p for p in self.b.parents[j] if self.feature[p]]
+            if not self.keep[j] or self.weighted[j] or len(parents) < 2:
+                continue
+            upstream = [v for v in _bits(self.anc[j] & ~(1 << j)) if self.weighted[v] and self.keep[v]]
+            if len(upstream) >= 2 and all(_is_embedding(self.b.ops[v]) for v in upstream):
+                for v in upstream:
+                    units.union(j, v)
+
     # A normalization layer on its own is part of the layer whose output it
     # normalizes, so Conv + BatchNormalization (or a post-LN Add +
     # LayerNormalization) is one step. One already inside a block (a pre-LN
@@ -472,6 +486,11 @@ class _Dag:
         return {v: depth[unit_of[v]] for v in nodes}
 
 
+def _is_embedding(op) -> bool:
+    """Embedding layers: Keras' and subclasses, or any layer class named *Embedding."""
+    return isinstance(op, keras.layers.Embedding) or type(op).__name__.endswith("Embedding")
+
+
 def _show_key(key) -> str:
     if isinstance(key, tuple):
         key = key[0] if len(key) == 1 else key
@@ -565,6 +584,7 @@ def _collect(model, builder, outputs, pattern, stem_depth) -> list[tuple[Any, in
     stem: set[int] = set()
     if pattern is None:
         dag.fold_blocks(units)
+        dag.merge_embeddings(units)
     else:
         stem = dag.pattern_units(units, pattern)
     dag.merge_normalizations(units)

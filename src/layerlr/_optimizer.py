@@ -214,6 +214,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         name: str | None = None,
         **kwargs,
     ):
+        # from_config passes saved_multipliers (None when saved unbuilt): the
+        # rules were written, and warned about, where the model was made.
+        from_config = "saved_multipliers" in kwargs
         saved = kwargs.pop("saved_multipliers", None)
         for key in _BASE_OPTIMIZER_KWARGS:
             if key in kwargs:
@@ -229,7 +232,11 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         inner = _check_inner(optimizer)
         lr_rules = _rules.parse_rules(lr_mult, "lr_mult")
         decay_rules = _rules.parse_rules(decay_mult, "decay_mult")
-        if decay_rules and not (inner.weight_decay or getattr(inner, "adam_weight_decay", None)):
+        if (
+            decay_rules
+            and not from_config
+            and not (inner.weight_decay or getattr(inner, "adam_weight_decay", None))
+        ):
             warnings.warn(
                 "layerlr: decay_mult rules have no effect: the wrapped optimizer "
                 f"{inner.name!r} has no weight decay (weight_decay={inner.weight_decay!r}). "
@@ -633,6 +640,27 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             lr_mult=_rules_from_config(config.pop("lr_mult", None)),
             decay_mult=_rules_from_config(config.pop("decay_mult", None)),
             **config,
+        )
+
+    def __repr__(self) -> str:
+        state = self.__dict__.get("_layerlr")
+        inner = self.__dict__.get("inner_optimizer")
+        if state is None or inner is None:
+            return object.__repr__(self)
+
+        def rules(rules, limit=6):
+            shown = [
+                f"{r.describe()}: {r.value:g}" if isinstance(r.value, float)
+                else f"{r.describe()}: {type(r.value).__name__}"
+                for r in rules[:limit]
+            ]
+            if len(rules) > limit:
+                shown.append(f"... {len(rules) - limit} more")
+            return "[" + ", ".join(shown) + "]"
+
+        return (
+            f"LayerwiseOptimizer({type(inner).__name__}, lr_mult={rules(state.lr_rules)}, "
+            f"decay_mult={rules(state.decay_rules)})"
         )
 
 

@@ -186,7 +186,8 @@ def no_decay(model: keras.Layer, *, embeddings: bool = False) -> Rules:
     their subclasses), whatever their names; biases are the variables a layer
     stores as its ``bias`` attribute or names ``"bias"`` (``Dense``, ``Conv*``,
     ``EinsumDense`` inside attention, recurrent cells...). With
-    ``embeddings=True``, ``Embedding`` layers (and subclasses) too.
+    ``embeddings=True``, embedding layers too: ``Embedding`` and subclasses,
+    and any layer class named ``...Embedding`` (KerasHub's ``PositionEmbedding``).
 
     The selectors are the layers and variables themselves, one rule each, only
     for those that have weights; frozen ones are included, so the rules stay
@@ -217,12 +218,11 @@ def no_decay(model: keras.Layer, *, embeddings: bool = False) -> Rules:
             f"The model {model.name!r} has no weights yet. Build it first: call it on "
             "data, give it a keras.Input, or use model.build(input_shape)."
         )
-    whole_layer = _depth.NORMALIZATION_TYPES + ((keras.layers.Embedding,) if embeddings else ())
     layers = model._flatten_layers(include_self=True)
     found: list[tuple[Any, list]] = []  # (selector, its variables)
     covered: set[int] = set()
     for layer in layers:
-        if isinstance(layer, whole_layer):
+        if isinstance(layer, _depth.NORMALIZATION_TYPES) or (embeddings and _depth._is_embedding(layer)):
             variables = _depth.params(layer)
             if variables:
                 found.append((layer, variables))
@@ -241,3 +241,78 @@ def no_decay(model: keras.Layer, *, embeddings: bool = False) -> Rules:
 def _is_bias(layer, variable) -> bool:
     # vars(): a `bias` property could compute something; the stored attribute cannot.
     return variable.name == "bias" or vars(layer).get("bias") is variable
+
+
+def lora_plus(model: keras.Layer, ratio: float = 16.0, *, base: Rules | None = None) -> Rules:
+    """LoRA+ (Hayou et al., 2024): the B matrices of LoRA adapters at ``ratio`` x the rate of A.
+
+    For layers after ``enable_lora(rank)`` (``Dense``, ``EinsumDense``,
+    ``Embedding``, convolutions, or a KerasHub ``backbone.enable_lora(rank)``),
+    which Keras gives two new variables, ``lora_kernel_a`` (A, initialised
+    randomly) and ``lora_kernel_b`` (B, initialised to zero). LoRA+ trains B
+    ``ratio`` times faster than A (the paper's default is 16).
+
+    Without ``base``, returns ``[("lora_kernel_b", ratio)]``: B at ``ratio`` x
+    the base rate, A (and everything else) at the base rate. With ``base``
+    rules (e.g. ``layer_decay(model)``), each adapter's B gets ``ratio`` x the
+    multiplier its A gets from them, followed by the base rules themselves, so
+    the ratio holds at every depth.
+
+    Args:
+        model: A model with LoRA enabled on some layers.
+        ratio: lr(B) / lr(A), a finite number > 0.
+        base: Rules for everything else, as ``lr_mult=`` takes them.
+
+    Returns:
+        Rules for ``lr_mult=``.
+
+    Example:
+
+    >>> import keras, layerlr
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="proj"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> model.get_layer("proj").enable_lora(2)
+    >>> layerlr.lora_plus(model, 16.0)
+    [('lora_kernel_b', 16.0)]
+    >>> rules = layerlr.lora_plus(model, 16.0, base=[("proj", 0.5)])
+    >>> [(getattr(s, "path", s), m) for s, m in rules]
+    [('sequential/proj/lora_kernel_b', 8.0), ('proj', 0.5)]
+    """
+    if not isinstance(model, keras.Layer):
+        raise TypeError(
+            f"Expected a Keras model or layer, got {model!r} of type {type(model).__name__}."
+        )
+    ratio = _positive(ratio, "ratio")
+    adapters = [
+        (layer, getattr(layer, "lora_kernel_a", None), getattr(layer, "lora_kernel_b", None))
+        for layer in model._flatten_layers(include_self=True)
+        if getattr(layer, "lora_enabled", False)
+    ]
+    adapters = [(layer, a, b) for layer, a, b in adapters if a is not None and b is not None]
+    if not adapters:
+        raise ValueError(
+            f"lora_plus: the model {model.name!r} has no LoRA adapters (no layer with "
+            "lora_kernel_a / lora_kernel_b). Enable them first: layer.enable_lora(rank) "
+            "on Dense, EinsumDense, Embedding or convolution layers, or "
+            "backbone.enable_lora(rank) on a KerasHub backbone."
+        )
+    if base is None:
+        return [("lora_kernel_b", ratio)]
+    rules = _rules.parse_rules(base, "base")
+    variables = [a for _, a, _ in adapters]
+    from layerlr._backend import layers_of_model
+
+    owners = layers_of_model(model)
+    found = _rules.resolve(
+        rules, variables, "base", lambda v: owners.get(id(v), ()), check_unused=False
+    )
+    result: Rules = []
+    for (layer, _, b), (mult, _) in zip(adapters, found):
+        if not isinstance(mult, float):
+            raise TypeError(
+                f"lora_plus: the base rules give the LoRA A matrix of {layer.name!r} a "
+                f"schedule ({type(mult).__name__}); B's rate can only be a fixed ratio of a "
+                "fixed multiplier. Give LoRA layers numeric multipliers in base."
+            )
+        result.append((b, ratio * mult))
+    return result + list(base.items() if isinstance(base, dict) else base)

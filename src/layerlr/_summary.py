@@ -14,13 +14,14 @@ import re
 import shutil
 import textwrap
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from layerlr import _hooks
+from layerlr import _hooks, _rules
+from layerlr._backend import layers_of_model
 from layerlr._optimizer import LayerwiseOptimizer, VariableMultipliers
 from layerlr._rules import Multiplier
 
@@ -60,6 +61,8 @@ class _Report:
     notes: list[str]
     # The lr multiplier (a number or a schedule) of each group of trained variables.
     group_multipliers: dict[str, Multiplier]
+    # The variable of each row, in row order.
+    variables: list = field(default_factory=list)
 
 
 # --- depth order ---------------------------------------------------------------
@@ -190,23 +193,103 @@ def _created_trainable(model) -> set[int]:
     return ids
 
 
-def _group_names(descriptions: Sequence[str | None]) -> dict[str | None, str]:
-    """A short, TensorBoard-safe name per winning lr rule (None = the default)."""
-    names: dict[str | None, str] = {}
-    taken: set[str] = set()
-    for description in descriptions:
-        if description in names:
-            continue
-        if description is None:
-            base = DEFAULT_GROUP
-        else:
-            base = re.sub(r"(?:layer|variable|type|predicate) ", "", description)
-            base = re.sub(r"[^A-Za-z0-9_./-]+", "_", base).strip("_./-") or "rule"
+def _base_name(description: str) -> str:
+    """A short, TensorBoard-safe name from a rule's description."""
+    base = re.sub(r"(?:layer|variable|type|predicate) ", "", description)
+    base = base.replace("<locals>.", "").replace("<lambda>", "lambda")
+    return re.sub(r"[^A-Za-z0-9_./-]+", "_", base).strip("_./-") or "rule"
+
+
+def _dedupe(bases: Sequence[str], taken: set[str]) -> list[str]:
+    names = []
+    for base in bases:
         name, i = base, 2
         while name in taken:
             name, i = f"{base}_{i}", i + 1
         taken.add(name)
-        names[description] = name
+        names.append(name)
+    return names
+
+
+def rule_group_names(opt: LayerwiseOptimizer) -> list[str]:
+    """The group name of each ``lr_mult`` rule, in rule order.
+
+    Named from the rule's description; two rules that print alike (two
+    lambdas) get ``name`` and ``name_2`` in rule order, so the names are
+    distinct and do not depend on which variables a model has. ``default``
+    is kept for the variables no rule matched.
+    """
+    rules = opt._layerlr.lr_rules
+    return _dedupe([_base_name(r.describe()) for r in rules], {DEFAULT_GROUP})
+
+
+def _rule_keys(opt: LayerwiseOptimizer, variables: Sequence, entries: Sequence, model=None) -> list:
+    """The identity of the rule that decided each entry's lr_mult.
+
+    An index into ``opt._layerlr.lr_rules``, or None for the default. Entries
+    carry only the rule's description, so rules that print alike (two
+    lambdas, two layers of the same name) are told apart by resolving those
+    variables again against the rules, and, where that is impossible (rules
+    restored from a save that were functions), by the multiplier they gave.
+    """
+    rules = opt._layerlr.lr_rules
+    by_description: dict[str, list[int]] = {}
+    for i, rule in enumerate(rules):
+        by_description.setdefault(rule.describe(), []).append(i)
+    keys: list = [None] * len(entries)
+    ambiguous = []
+    for n, entry in enumerate(entries):
+        if entry is None or entry.lr_rule is None:
+            continue
+        candidates = by_description.get(entry.lr_rule)
+        if not candidates:
+            keys[n] = ("saved", entry.lr_rule)  # a rule the optimizer no longer has
+        elif len(candidates) == 1:
+            keys[n] = candidates[0]
+        else:
+            ambiguous.append(n)
+    if not ambiguous:
+        return keys
+    indexed = tuple(_rules.Rule(rule.selector, float(i)) for i, rule in enumerate(rules))
+    layers_of = None
+    model = model if model is not None else opt._layerlr.remembered_model()
+    if model is not None:
+        owners = layers_of_model(model)
+        layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
+    for n in ambiguous:
+        entry = entries[n]
+        candidates = by_description[entry.lr_rule]
+        found = None
+        try:
+            ((value, description),) = _rules.resolve(
+                indexed, [variables[n]], "lr_mult", layers_of, check_unused=False
+            )
+            if description is not None and int(value) in candidates:
+                found = int(value)
+        except ValueError:  # e.g. a saved function, or a layer-type rule without the model
+            pass
+        if found is None:
+            wanted = _rules.multiplier_to_config(entry.lr_mult)
+            found = next(
+                (i for i in candidates if _rules.multiplier_to_config(rules[i].value) == wanted),
+                candidates[0],
+            )
+        keys[n] = found
+    return keys
+
+
+def _key_names(opt: LayerwiseOptimizer, keys: Sequence) -> dict:
+    """``{rule key: group name}`` for the keys `_rule_keys` gave."""
+    rule_names = rule_group_names(opt)
+    names: dict = {None: DEFAULT_GROUP}
+    taken = {DEFAULT_GROUP, *rule_names}
+    for key in keys:
+        if key in names:
+            continue
+        if isinstance(key, int):
+            names[key] = rule_names[key]
+        else:
+            (names[key],) = _dedupe([_base_name(key[1])], taken)
     return names
 
 
@@ -284,9 +367,10 @@ def _collect(optimizer, model=None) -> _Report:
             continue
         rows_data.append((variable, layer, status, entries.get(key)))
 
-    names = _group_names([e.lr_rule for _, _, _, e in rows_data if e is not None])
+    keys = _rule_keys(opt, [v for v, _, _, _ in rows_data], [e for _, _, _, e in rows_data], model)
+    names = _key_names(opt, keys)
     rows = []
-    for variable, layer, status, entry in rows_data:
+    for (variable, layer, status, entry), key in zip(rows_data, keys):
         path = _path(variable)
         if layer is None:
             layer_name = path.rsplit("/", 2)[-2] if "/" in path else ""
@@ -312,7 +396,7 @@ def _collect(optimizer, model=None) -> _Report:
                 weight_decay=_effective_decay(inner, variable, decay_mult) if trained else None,
                 lr_rule=None if entry is None else entry.lr_rule,
                 decay_rule=None if entry is None else entry.decay_rule,
-                group=None if entry is None else names[entry.lr_rule],
+                group=None if entry is None else names[key],
                 lr_mult_schedule=_schedule_text(entry.lr_mult) if entry else None,
                 decay_mult_schedule=_schedule_text(entry.decay_mult) if entry else None,
             )
@@ -329,10 +413,11 @@ def _collect(optimizer, model=None) -> _Report:
         non_trainable_params=non_trainable_params,
         notes=notes,
         group_multipliers={
-            names[e.lr_rule]: e.lr_mult
-            for _, _, status, e in rows_data
+            names[key]: e.lr_mult
+            for (_, _, status, e), key in zip(rows_data, keys)
             if status == TRAINED and e is not None
         },
+        variables=[v for v, _, _, _ in rows_data],
     )
 
 
@@ -390,7 +475,8 @@ def lr_groups(optimizer) -> dict[str, list[VariableMultipliers]]:
     """``{group name: its variables' multipliers}`` of a built optimizer.
 
     A group is the variables whose learning rate the same rule decided
-    (``"default"`` for those no rule matched), named after that rule.
+    (``"default"`` for those no rule matched), named after that rule. Rules are
+    told apart by identity, never by their printed description.
     """
     opt = layerwise_optimizer_of(None, optimizer)
     entries = opt._layerlr.resolved
@@ -399,17 +485,21 @@ def lr_groups(optimizer) -> dict[str, list[VariableMultipliers]]:
             "The optimizer is not built yet, so its groups are not known. Train, or "
             "call optimizer.build(model) first."
         )
-    names = _group_names([e.lr_rule for e in entries])
+    keys = _rule_keys(opt, opt.inner_optimizer._trainable_variables, entries)
+    names = _key_names(opt, keys)
     groups: dict[str, list[VariableMultipliers]] = {}
-    for e in entries:
-        groups.setdefault(names[e.lr_rule], []).append(e)
+    for e, key in zip(entries, keys):
+        groups.setdefault(names[key], []).append(e)
     return groups
 
 
-def group_learning_rates(optimizer) -> dict[str, float]:
-    """Each group's effective learning rate at the optimizer's current step."""
+def group_learning_rates(optimizer, base: float | None = None) -> dict[str, float]:
+    """Each group's effective learning rate at the optimizer's current step.
+
+    ``base`` replaces the base learning rate read from the optimizer.
+    """
     opt = layerwise_optimizer_of(None, optimizer)
-    base = _as_float(opt.learning_rate)
+    base = _as_float(opt.learning_rate) if base is None else float(base)
     return {
         name: base * multiplier_now(members[0].lr_mult, opt)
         for name, members in lr_groups(opt).items()

@@ -49,6 +49,7 @@ import layerlr.plot
 BASE_LR = 1e-3
 BACKBONE_MULT = 0.01  # 1e-3 * 0.01 = 1e-5
 LAYER_DECAY = 0.5  # a common choice, fixed before running the demo
+UPDATE_EVERY = 5  # steps between two UpdateLogger measurements (one per epoch here)
 METHODS = (
     "one learning rate",
     "frozen backbone",
@@ -204,8 +205,6 @@ def _pretrain(tasks, config: Config, verbose: int):
     backbone = _backbone()
     model = _with_head(backbone, "old_head", new_conv=False)
     model.compile(keras.optimizers.Adam(BASE_LR), "sparse_categorical_crossentropy")
-    if verbose:
-        print(f"\n== Pretraining the 5-conv backbone on digits 0-4 ({config.pretrain_epochs} epochs)")
     model.fit(
         *tasks["old_train"], epochs=config.pretrain_epochs, batch_size=32, verbose=verbose
     )
@@ -216,7 +215,8 @@ def _pretrain(tasks, config: Config, verbose: int):
     }
 
 
-def _finetune(method, tasks, pretrained, config: Config, seed: int, verbose: int, show=False):
+def _finetune(method, tasks, pretrained, config: Config, seed: int, verbose: int, show=False,
+              log_updates: bool = False):
     keras.utils.set_random_seed(seed)
     backbone = _backbone()
     backbone.set_weights(pretrained["backbone"])
@@ -231,12 +231,18 @@ def _finetune(method, tasks, pretrained, config: Config, seed: int, verbose: int
         layerlr.summary(model)
     before = _flat_weights(backbone)
     timer = _EpochTimer()
+    callbacks = [timer]
+    updates = None
+    if log_updates:
+        # One point per epoch (5 steps); every layer on its own line.
+        updates = layerlr.callbacks.UpdateLogger(every=UPDATE_EVERY, groups="layers")
+        callbacks.append(updates)
     model.fit(
         *tasks["new_train"],
         epochs=config.finetune_epochs,
         batch_size=config.batch_size,
         verbose=verbose,
-        callbacks=[timer],
+        callbacks=callbacks,
     )
     after = _flat_weights(backbone)
     # The first epoch includes tracing and compiling the step.
@@ -247,11 +253,16 @@ def _finetune(method, tasks, pretrained, config: Config, seed: int, verbose: int
         "backbone_change": float(np.linalg.norm(after - before) / np.linalg.norm(before)),
         "seconds_per_epoch": statistics.median(steady),
         "model": model,
+        "updates": None if updates is None else updates.history,
     }
 
 
 def run(config: Config = FULL, out_dir: str | os.PathLike = "layerlr-demo", verbose: int = 1) -> dict:
     """Runs the whole comparison, prints the table, writes plots and results to ``out_dir``.
+
+    ``verbose``: 0 prints the results table only; 1 (the default) also the
+    multiplier tables of the two layerlr models and one line per run; 2 also
+    Keras' progress bars for the first seed.
 
     Returns ``{"pretrained_old_accuracy": float, "methods": {method: {metric:
     [value per seed]}}, "files": [paths written]}``.
@@ -259,33 +270,40 @@ def run(config: Config = FULL, out_dir: str | os.PathLike = "layerlr-demo", verb
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
+    bars = 1 if verbose >= 2 else 0
     tasks = digits_tasks(config.labelled_per_class, seed=0)
-    pretrained = _pretrain(tasks, config, verbose)
+    if verbose:
+        print(f"Pretraining the 5-conv backbone on digits 0-4 ({config.pretrain_epochs} epochs)...")
+    pretrained = _pretrain(tasks, config, bars)
     if verbose:
         print(f"Pretrained old-task accuracy (digits 0-4, held out): {pretrained['old_accuracy']:.3f}")
     results: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
+    updates: dict[str, dict] = {}
     files = []
     for seed in range(config.seeds):
         tasks = digits_tasks(config.labelled_per_class, seed=seed)
-        # Progress bars for the first seed; one line per run after that.
-        bars = verbose if seed == 0 else 0
         for method in METHODS:
-            if bars:
+            first = seed == 0
+            if verbose and first:
                 print(
                     f"\n== Fine-tuning on digits 5-9 ({config.labelled_per_class} labelled "
                     f"per class), seed {seed}: {method} ({_DESCRIPTIONS[method]})"
                 )
-            outcome = _finetune(method, tasks, pretrained, config, seed, bars, show=bool(bars))
+            outcome = _finetune(method, tasks, pretrained, config, seed, bars if first else 0,
+                                show=bool(verbose) and first, log_updates=first)
             model = outcome.pop("model")
+            logged = outcome.pop("updates")
+            if logged is not None:
+                updates[method] = logged
             for key, value in outcome.items():
                 results[method].setdefault(key, []).append(value)
-            if verbose and not bars:
+            if verbose:
                 print(
                     f"seed {seed}, {method}: new task {outcome['new_accuracy']:.3f}, "
                     f"old head {outcome['old_accuracy']:.3f}, backbone change "
                     f"{100 * outcome['backbone_change']:.2f}%"
                 )
-            if seed == 0:
+            if first:
                 files += _save_artifacts(method, model, out_dir)
     summary = {
         "config": config.__dict__,
@@ -293,9 +311,10 @@ def run(config: Config = FULL, out_dir: str | os.PathLike = "layerlr-demo", verb
         "methods": results,
     }
     files.append(_plot_comparison(summary, out_dir))
+    files.append(_plot_updates(updates, out_dir))
     results_path = os.path.join(out_dir, "results.json")
     with open(results_path, "w") as f:
-        json.dump(summary, f, indent=2)
+        json.dump({**summary, "updates_seed_0": updates}, f, indent=2)
     files.append(results_path)
     print()
     for line in format_table(summary):
@@ -370,10 +389,20 @@ def format_table(summary: dict) -> list[str]:
     return lines
 
 
+# Two-line tick labels: rotated ones ran off the right edge of the figure.
+_SHORT = {
+    "one learning rate": "one\nlearning rate",
+    "frozen backbone": "frozen\nbackbone",
+    "per-layer rates": "per-layer\nrates",
+    "layer-wise decay": "layer-wise\ndecay",
+}
+
+
 def _plot_comparison(summary: dict, out_dir: str) -> str:
     _, Figure = layerlr.plot._matplotlib()
     methods = list(summary["methods"])
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    ticks = [_SHORT.get(m, m) for m in methods]
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
     acc_ax, change_ax = fig.subplots(1, 2)
     x = np.arange(len(methods))
     for offset, key, label in (
@@ -384,19 +413,60 @@ def _plot_comparison(summary: dict, out_dir: str) -> str:
         acc_ax.bar(x + offset, means, 0.4, yerr=stds, label=label, capsize=3)
     acc_ax.axhline(summary["pretrained_old_accuracy"], color="0.4", linestyle=":",
                    label="old head before fine-tuning")
-    acc_ax.set_xticks(x, methods, rotation=15)
+    acc_ax.set_xticks(x, ticks)
     acc_ax.set_ylim(0, 1.25)
     acc_ax.set_ylabel("accuracy (held out)")
     acc_ax.legend(fontsize="small", loc="upper center", ncols=2)
     acc_ax.set_title("Accuracy after fine-tuning")
     means, stds = zip(*(_mean_std(summary["methods"][m]["backbone_change"]) for m in methods))
-    change_ax.bar(x, [100 * m for m in means], 0.6, yerr=[100 * s for s in stds], capsize=3,
-                  color="tab:gray")
-    change_ax.set_xticks(x, methods, rotation=15)
-    change_ax.set_ylabel("relative change of backbone weights (%)")
+    bars = change_ax.bar(x, [100 * m for m in means], 0.6, yerr=[100 * s for s in stds],
+                         capsize=3, color="tab:gray")
+    change_ax.bar_label(bars, labels=[f"{100 * m:.2f}%" for m in means], padding=3, fontsize="small")
+    change_ax.set_ylim(0, max(100 * m for m in means) * 1.2 or 1.0)
+    change_ax.set_xticks(x, ticks)
+    change_ax.set_ylabel("backbone weights moved, ||dW|| / ||W|| (%)")
     change_ax.set_title("How far the pretrained layers moved")
     path = os.path.join(out_dir, "comparison.png")
     fig.savefig(path, dpi=120)
+    return path
+
+
+def _layer_colors(groups) -> dict:
+    """Backbone layers in blues (light = near the input), new layers in reds."""
+    matplotlib, _ = layerlr.plot._matplotlib()
+    old = [g for g in groups if g.startswith("conv")]
+    new = [g for g in groups if g not in old]
+    blues, reds = matplotlib.colormaps["Blues"], matplotlib.colormaps["Reds"]
+    colors = {g: blues(0.35 + 0.6 * i / max(len(old) - 1, 1)) for i, g in enumerate(old)}
+    colors.update({g: reds(0.55 + 0.35 * i / max(len(new) - 1, 1)) for i, g in enumerate(new)})
+    return colors
+
+
+def _plot_updates(updates: dict[str, dict], out_dir: str) -> str:
+    """The update / weight ratio of every layer per step, one panel per method."""
+    _, Figure = layerlr.plot._matplotlib()
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).ravel()
+    for ax, method in zip(axes, METHODS):
+        logged = updates[method]
+        groups = [k[len("update_ratio/"):] for k in logged if k.startswith("update_ratio/")]
+        layerlr.plot.update_ratios(logged, ax=ax, title=f"{method} ({_DESCRIPTIONS[method]})",
+                                   colors=_layer_colors(groups), legend=False)
+        ax.title.set_fontsize("medium")
+    # One scale for all four, so that they compare at a glance.
+    lows, highs = zip(*(ax.get_ylim() for ax in axes))
+    for ax in axes:
+        ax.set_ylim(min(lows), max(highs))
+        layerlr.plot._readable_log_ticks(ax, "y")
+    for ax in axes[1::2]:
+        ax.set_ylabel("")
+    for ax in axes[:2]:
+        ax.set_xlabel("")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", title="layer", fontsize="small")
+    fig.suptitle("How far each layer moves per step: ||W_after - W_before|| / ||W_before||")
+    path = os.path.join(out_dir, "update_ratios.png")
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -411,7 +481,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: ./layerlr-demo)")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"number of seeds (default: {FULL.seeds}, or {QUICK.seeds} with --quick)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Keras' progress bars (first seed)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the results table")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -422,12 +495,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         config = Config(**{**config.__dict__, "seeds": args.seeds})
     _require("sklearn.datasets")
     _require("matplotlib")
-    run(config, args.out_dir, verbose=0 if args.quiet else 1)
+    if args.quiet and args.verbose:
+        raise SystemExit("--quiet and --verbose contradict each other: choose one.")
+    run(config, args.out_dir, verbose=0 if args.quiet else (2 if args.verbose else 1))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m layerlr.demo [--quick] [--out-dir DIR] [--seeds N] [--quiet]``."""
+    """``python -m layerlr.demo [--quick] [--out-dir DIR] [--seeds N] [--verbose | --quiet]``."""
     parser = argparse.ArgumentParser(
         prog="python -m layerlr.demo",
         description="Fine-tune a pretrained 5-conv net on a new digits task and compare "

@@ -3,6 +3,8 @@
 - `learning_rates`: the effective learning rate of every layer, in depth order.
 - `schedule`: each group's effective learning rate over the training steps.
 - `history`: the rates `layerlr.callbacks.LearningRateLogger` logged per epoch.
+- `update_ratios`: how far each group moved per step, as
+  `layerlr.callbacks.UpdateLogger` measured it.
 
 Each function draws on ``ax`` when given, otherwise on a new figure made without
 pyplot (so it works headless and never opens a window), saves the figure to
@@ -20,7 +22,7 @@ import numpy as np
 
 from layerlr import _summary
 
-__all__ = ["history", "learning_rates", "schedule"]
+__all__ = ["history", "learning_rates", "schedule", "update_ratios"]
 
 
 def _matplotlib():
@@ -47,6 +49,31 @@ def _finish(fig, path: str | os.PathLike | None):
     if path is not None:
         fig.savefig(os.fspath(path), dpi=120)
     return fig
+
+
+def _readable_log_ticks(ax, axis: str = "x") -> None:
+    """Labels on a log axis that never run into each other.
+
+    Matplotlib labels minor ticks when the visible range holds at most one
+    power of ten, and those labels overlap. Over a short range, label 1, 2 and
+    5 times each power of ten instead; over a long one, the powers of ten only.
+    Call it once the limits are final.
+    """
+    from matplotlib import ticker
+
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    if not (lo > 0 and np.isfinite(hi)):
+        return
+    decades = np.log10(hi) - np.log10(lo)
+    if decades < 2.5:
+        which.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        which.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.0e}".replace("e-0", "e-")))
+    else:
+        which.set_major_locator(ticker.LogLocator(base=10, numticks=12))
+        which.set_major_formatter(ticker.LogFormatterSciNotation())
+    which.set_minor_locator(ticker.LogLocator(base=10, subs=np.arange(2, 10), numticks=12))
+    which.set_minor_formatter(ticker.NullFormatter())
 
 
 def _group_colors(names) -> dict[str, Any]:
@@ -130,9 +157,13 @@ def learning_rates(
         labelled.add(group)
         ax.barh(y, rate, color=colors[group], label=legend)
     ax.set_xscale("log")
-    ax.set_xlim(left=floor)
+    top = max(positive) * 1.5 if positive else floor * 100
+    ax.set_xlim(floor, top)
     ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()  # input at the top
+    # Every row inside the frame, text-only rows (frozen, lr_mult 0) included;
+    # input at the top.
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    _readable_log_ticks(ax, "x")
     ax.set_xlabel("effective learning rate")
     ax.grid(axis="x", which="major", alpha=0.3)
     if labelled:
@@ -214,6 +245,7 @@ def schedule(
     if report.step <= steps:
         ax.axvline(report.step, color="0.5", linestyle=":", label=f"now (step {report.step})")
     ax.set_yscale("log")
+    _readable_log_ticks(ax, "y")
     ax.set_xlabel("training step")
     ax.set_ylabel("effective learning rate")
     ax.grid(alpha=0.3)
@@ -277,9 +309,148 @@ def history(
         shown = np.where(values > 0, values, np.nan)
         ax.plot(epochs, shown, marker="o", color=colors[group], label=group)
     ax.set_yscale("log")
+    _readable_log_ticks(ax, "y")
     ax.set_xlabel("epoch")
     ax.set_ylabel("effective learning rate (end of epoch)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title="group")
     ax.set_title(title or "Logged learning rate per group")
+    return _finish(fig, path)
+
+
+# The rule of thumb: weights move by about 1e-3 of their norm per step.
+REFERENCE_BAND = (3e-4, 3e-3)
+
+
+def _update_series(source) -> tuple[dict, str]:
+    """(the logged columns, "step" or "epoch") from whatever the user has."""
+    from layerlr.callbacks import UpdateLogger
+
+    if isinstance(source, UpdateLogger):
+        return source.history, "step"
+    steps = getattr(source, "layerlr_updates", None)  # the History of a fit with an UpdateLogger
+    if isinstance(steps, dict) and steps.get("step"):
+        return steps, "step"
+    logged = getattr(source, "history", source)
+    if not isinstance(logged, dict):
+        raise TypeError(
+            "update_ratios takes a layerlr.callbacks.UpdateLogger, the History that "
+            "model.fit returned, or a dict of logged values, got "
+            f"{type(source).__name__}."
+        )
+    if not any(k.startswith("update_ratio/") for k in logged):
+        raise ValueError(
+            f"No 'update_ratio/' values to draw (the logs have {sorted(logged)}). Add "
+            "layerlr.callbacks.UpdateLogger(every=...) to the callbacks of model.fit."
+        )
+    return logged, ("step" if "step" in logged else "epoch")
+
+
+def _runs(flags: np.ndarray):
+    """(start, end) index pairs of the runs of True in ``flags``."""
+    runs, start = [], None
+    for i, flag in enumerate(flags):
+        if flag and start is None:
+            start = i
+        if not flag and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    if start is not None:
+        runs.append((start, len(flags) - 1))
+    return runs
+
+
+def update_ratios(
+    source,
+    *,
+    path: str | os.PathLike | None = None,
+    ax=None,
+    title: str | None = None,
+    colors: dict | None = None,
+    legend: bool = True,
+):
+    """Each group's update / weight ratio per step, on a log scale.
+
+    ``||w_after - w_before|| / ||w_before||`` of the steps that
+    `layerlr.callbacks.UpdateLogger` measured, one line per group, over the
+    band around 1e-3 per step that is the usual rule of thumb (far below: the
+    group barely learns; far above: it is being rewritten). Steps where a group
+    was frozen or not updated (``lr_mult`` 0) have no place on a log scale:
+    they are drawn as bars along the bottom, one row per such group.
+
+    Args:
+        source: The `UpdateLogger`, the ``History`` that ``model.fit``
+            returned (with an ``UpdateLogger`` among its callbacks: per step;
+            otherwise the per-epoch means), or a dict of logged values.
+        path: Where to save the figure.
+        ax: A matplotlib Axes to draw on instead of a new figure.
+        title: The plot title.
+        colors: ``{group: color}`` for some or all groups.
+        legend: Whether to draw the legend.
+
+    Returns:
+        The matplotlib Figure.
+
+    Example:
+
+    >>> import layerlr.plot
+    >>> logged = {"step": [0, 10, 20], "update_ratio/backbone": [1e-5, 2e-5, 2e-5],
+    ...           "update_ratio/default": [3e-3, 2e-3, 1e-3],
+    ...           "status/backbone": ["trained"] * 3, "status/default": ["trained"] * 3}
+    >>> fig = layerlr.plot.update_ratios(logged)
+    >>> [line.get_label() for line in fig.axes[0].lines[:2]]
+    ['backbone', 'default']
+    """
+    logged, unit = _update_series(source)
+    groups = [k[len("update_ratio/"):] for k in logged if k.startswith("update_ratio/")]
+    x = np.asarray(logged[unit], dtype=float) if unit in logged else None
+    if x is None:  # epoch logs: epochs from 1
+        x = np.arange(1, len(logged[f"update_ratio/{groups[0]}"]) + 1, dtype=float)
+    fig, ax = _axes(ax, figsize=(9, 4.8))
+    palette = {**_group_colors(groups), **(colors or {})}
+    marker = "o" if len(x) <= 60 else None
+    shown: list[float] = []
+    idle: list[tuple[str, str, np.ndarray]] = []  # (group, status, flags)
+    for group in groups:
+        ratios = np.asarray(logged[f"update_ratio/{group}"], dtype=float)
+        status = logged.get(f"status/{group}")
+        status = np.asarray(status if status is not None else ["trained"] * len(ratios), dtype=object)
+        drawn = np.where((status == "trained") & (ratios > 0), ratios, np.nan)
+        ax.plot(x, drawn, marker=marker, markersize=3, color=palette[group], label=group)
+        shown += [float(v) for v in drawn if np.isfinite(v)]
+        for kind in ("frozen", "not updated"):
+            flags = status == kind
+            if flags.any():
+                idle.append((group, kind, flags))
+
+    lo = min([*shown, REFERENCE_BAND[0]])
+    hi = max([*shown, REFERENCE_BAND[1]])
+    # Room along the bottom for one row per idle group.
+    reserved = min(0.5, 0.05 + 0.055 * len(idle)) if idle else 0.0
+    decades = np.log10(hi * 2) - np.log10(lo / 2)
+    bottom = 10 ** (np.log10(lo / 2) - decades * reserved / (1 - reserved))
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, hi * 2)
+    ax.axhspan(*REFERENCE_BAND, color="tab:green", alpha=0.12, lw=0,
+               label="~1e-3 per step (rule of thumb)")
+    ax.axhline(1e-3, color="tab:green", lw=0.8, ls="--", alpha=0.7)
+    spacing = float(np.median(np.diff(x))) if len(x) > 1 else 1.0
+    ax.set_xlim(x[0] - spacing / 2, x[-1] + spacing / 2)  # room for the idle bars
+    transform = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    for row, (group, kind, flags) in enumerate(idle):
+        y = 0.03 + 0.055 * row
+        for start, end in _runs(flags):
+            x0, x1 = x[start] - spacing / 2, x[end] + spacing / 2
+            ax.plot([x0, x1], [y, y], transform=transform, color=palette[group], lw=5,
+                    alpha=0.55 if kind == "frozen" else 0.9, solid_capstyle="butt",
+                    ls="-" if kind == "frozen" else (0, (2, 1)))
+            ax.text(x0, y + 0.012, f"{group}: {kind}", transform=transform, fontsize=7,
+                    color="0.25", va="bottom")
+    _readable_log_ticks(ax, "y")
+    ax.set_xlabel("training step" if unit == "step" else "epoch (mean of its measured steps)")
+    ax.set_ylabel("||w_after - w_before|| / ||w_before||")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title or "How far each group moves per step")
     return _finish(fig, path)

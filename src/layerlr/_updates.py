@@ -1,0 +1,274 @@
+"""How far each group of weights moves in one training step (`UpdateLogger`).
+
+Everything here reads the model and its optimizer from outside the compiled
+training step, on the steps being measured only: a copy of every trained
+weight before the step, another after it, and the norms computed on the host
+in float64. Nothing runs inside the training step, so training is exactly what
+it is without the logger.
+
+Groups are the learning-rate groups of a `LayerwiseOptimizer` (one per
+``lr_mult`` rule, told apart by rule identity, ``default`` for the unmatched
+variables: the groups of `LearningRateLogger`, `layerlr.summary` and the
+plots), the sub-optimizers of a ``MultiOptimizer``, ``default`` for a plain
+optimizer, or one group per layer.
+
+The gradient norm is read back from the optimizer's own state: Adam, AdamW,
+Nadam, Lamb, Adamax and Lion keep a first moment that each step updates as
+``m <- beta * m + (1 - beta) * g``, so the gradient the step used (after
+clipping and loss-scale unscaling) is ``(m_after - beta * m_before) / (1 -
+beta)``, exactly, from the same two snapshots. Other optimizers keep no such
+state; their gradient norm is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from layerlr import _summary
+from layerlr._optimizer import LayerwiseOptimizer
+
+TRAINED = "trained"
+FROZEN = "frozen"
+NOT_UPDATED = "not updated"
+METRICS = ("update_ratio", "weight_norm", "grad_norm")
+
+
+def _first_moment(optimizer) -> tuple[str, str] | None:
+    """(slot list attribute, its decay attribute) where the gradient can be read back."""
+    opts = keras.optimizers
+    if isinstance(optimizer, opts.Lion):
+        return "_momentums", "beta_2"
+    if isinstance(optimizer, opts.Adamax):
+        return "_m", "beta_1"
+    if isinstance(optimizer, (opts.Adam, opts.Nadam, opts.Lamb)):
+        return "_momentums", "beta_1"
+    return None
+
+
+def _unwrap(optimizer):
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def _holds(optimizer, variable) -> bool:
+    indices = getattr(optimizer, "_trainable_variables_indices", None) or {}
+    return optimizer._var_key(variable) in indices
+
+
+def _slot_holder(optimizer):
+    """The optimizer object whose lists are indexed like its variables."""
+    return optimizer.inner_optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
+
+
+def _copy(variable) -> np.ndarray:
+    # A copy, always: torch shares CPU memory with numpy and updates in
+    # place, JAX reuses donated buffers.
+    return np.array(keras.ops.convert_to_numpy(variable.value), dtype=np.float64, copy=True)
+
+
+def _sq(x: np.ndarray) -> float:
+    # Not np.dot: BLAS threads fight the backend's own threads for the cores.
+    return float(np.square(x).sum())
+
+
+@dataclass
+class Layout:
+    """Which variables form which group, for one optimizer and trainable set."""
+
+    optimizer: object
+    trainable_key: tuple
+    groups: dict[str, list] = field(default_factory=dict)  # name -> variables created trainable
+    trained: set[int] = field(default_factory=set)  # ids of the variables trained now
+    # The optimizer that holds each trained variable (for its first moment).
+    holders: dict[int, object] = field(default_factory=dict)
+
+
+def _dedupe(names: list[str]) -> list[str]:
+    return _summary._dedupe(names, set())
+
+
+def _created_trainable_in_depth_order(model) -> list[tuple]:
+    created = _summary._created_trainable(model)
+    return [(v, layer) for v, layer in _summary._variables_in_depth_order(model) if id(v) in created]
+
+
+def _sub_optimizer_of(multi, variable, subs, routes):
+    for i, sub in enumerate(subs):
+        if _holds(sub, variable):
+            return i
+    if id(variable) in routes:  # layerlr's multi_optimizer, not built yet
+        return routes[id(variable)]
+    try:  # frozen variables, Keras' OptimizerMap: where the routing would send them
+        routed = multi._optimizer_map(variable)
+    except Exception:  # noqa: BLE001 - layerlr's router refuses unknown variables
+        return None
+    return next((i for i, sub in enumerate(subs) if sub is routed), None)
+
+
+def build_layout(model, groups: str | None) -> Layout:
+    optimizer = _unwrap(model.optimizer)
+    trainable = list(model.trainable_variables)
+    layout = Layout(optimizer, tuple(id(v) for v in trainable), trained={id(v) for v in trainable})
+    pairs = _created_trainable_in_depth_order(model)
+    names: list[tuple] = []  # (variable, group)
+    if groups == "layers":
+        layer_names: dict[int, str] = {}
+        unique = _dedupe([layer.name for layer in dict((id(l), l) for _, l in pairs).values()])
+        for layer_id, name in zip(dict((id(l), l) for _, l in pairs), unique):
+            layer_names[layer_id] = name
+        names = [(v, layer_names[id(layer)]) for v, layer in pairs]
+    elif isinstance(optimizer, LayerwiseOptimizer):
+        report = _summary._collect(optimizer, model)
+        names = [
+            (v, row.group or _summary.DEFAULT_GROUP) for v, row in zip(report.variables, report.rows)
+        ]
+    elif isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        subs = list(optimizer.optimizers)
+        sub_names = _dedupe([sub.name for sub in subs])
+        routes = {}
+        resolve = getattr(optimizer, "_resolve", None)  # layerlr.multi_optimizer
+        if resolve is not None and not optimizer.built:
+            # TensorFlow builds the optimizer in the first step, after the
+            # first snapshot: route the variables as that build will.
+            resolved = resolve(trainable, model)
+            routes = {id(v): index for v, (_, index, _) in zip(trainable, resolved)}
+        index = {id(v): _sub_optimizer_of(optimizer, v, subs, routes) for v, _ in pairs}
+        inner_names: dict[int, dict[int, str]] = {}
+        for i, sub in enumerate(subs):
+            if not isinstance(sub, LayerwiseOptimizer):
+                continue
+            if sub._layerlr.resolved is not None:
+                variables, entries = sub.inner_optimizer._trainable_variables, sub._layerlr.resolved
+            else:  # not built yet: resolve its rules on what will be routed to it
+                variables = [v for v in trainable if index[id(v)] == i]
+                entries = sub._resolve_rules(variables, model, check_unused=False)
+            keys = _summary._rule_keys(sub, variables, entries, model)
+            key_names = _summary._key_names(sub, keys)
+            inner_names[i] = {id(v): key_names[k] for v, k in zip(variables, keys)}
+        for v, _ in pairs:
+            i = index[id(v)]
+            if i is None:
+                names.append((v, "unrouted"))
+            elif i in inner_names and id(v) in inner_names[i]:
+                names.append((v, f"{sub_names[i]}/{inner_names[i][id(v)]}"))
+            else:
+                names.append((v, sub_names[i]))
+            if i is not None and id(v) in layout.trained:
+                sub = subs[i]
+                layout.holders[id(v)] = _slot_holder(sub)
+    else:
+        names = [(v, _summary.DEFAULT_GROUP) for v, _ in pairs]
+    for v, name in names:
+        layout.groups.setdefault(name, []).append(v)
+    if not isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        holder = _slot_holder(optimizer)
+        layout.holders = {id(v): holder for v in trainable}
+    return layout
+
+
+def step_counter(optimizer):
+    """(the variable counting every batch the optimizer saw, batches per update)."""
+    optimizer = _unwrap(optimizer)
+    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        return optimizer._iterations, 1
+    holder = _slot_holder(optimizer)
+    return holder._iterations, int(getattr(holder, "gradient_accumulation_steps", None) or 1)
+
+
+@dataclass
+class Snapshot:
+    layout: Layout
+    step: int  # optimizer update index (0 = the first update)
+    raw_step: int
+    weights: dict[int, np.ndarray]
+    moments: dict[int, np.ndarray]  # first moments, where the optimizer has one
+
+
+def _moment_variable(holder, variable):
+    spec = _first_moment(holder)
+    if spec is None or not _holds(holder, variable):
+        return None
+    slots = getattr(holder, spec[0], None)
+    if not slots:
+        return None
+    return slots[holder._get_variable_index(variable)]
+
+
+def snapshot(layout: Layout, model, accumulation: int) -> Snapshot:
+    counter, _ = step_counter(model.optimizer)
+    raw = int(keras.ops.convert_to_numpy(counter.value))
+    weights, moments = {}, {}
+    for variables in layout.groups.values():
+        for v in variables:
+            if id(v) not in layout.trained:
+                continue
+            weights[id(v)] = _copy(v)
+            holder = layout.holders.get(id(v))
+            if holder is None or _first_moment(holder) is None:
+                continue
+            slot = _moment_variable(holder, v)
+            # Not built yet (TensorFlow builds in the first step) or just
+            # unfrozen: the slot the step creates starts at zero.
+            moments[id(v)] = _copy(slot) if slot is not None else np.zeros(weights[id(v)].shape)
+    return Snapshot(layout, raw // accumulation, raw, weights, moments)
+
+
+def measure(before: Snapshot, model) -> dict[str, dict]:
+    """``{group: {"update_ratio", "weight_norm", "grad_norm", "status"}}`` for one step."""
+    layout = before.layout
+    counter, _ = step_counter(model.optimizer)
+    skipped = int(keras.ops.convert_to_numpy(counter.value)) == before.raw_step
+    results = {}
+    for name, variables in layout.groups.items():
+        trained = [v for v in variables if id(v) in before.weights]
+        if not trained:
+            results[name] = dict(update_ratio=math.nan, weight_norm=math.nan,
+                                 grad_norm=math.nan, status=FROZEN)
+            continue
+        delta = weight = grad = 0.0
+        has_grad = False
+        for v in trained:
+            w0 = before.weights[id(v)]
+            w1 = _copy(v)
+            delta += _sq(w1 - w0)
+            weight += _sq(w0)
+            m0 = before.moments.get(id(v))
+            if m0 is None:
+                continue
+            holder = layout.holders[id(v)]
+            slot = _moment_variable(holder, v)
+            if slot is None:
+                continue
+            m1 = _copy(slot)
+            if np.array_equal(m0, m1) and np.array_equal(w0, w1):
+                continue  # not updated (lr_mult 0 now, no gradient): nothing to read
+            beta = float(getattr(holder, _first_moment(holder)[1]))
+            grad += _sq((m1 - beta * m0) / (1.0 - beta))
+            has_grad = True
+        status = TRAINED if (delta > 0 and not skipped) else NOT_UPDATED
+        results[name] = dict(
+            update_ratio=math.sqrt(delta / weight) if weight > 0 else math.nan,
+            weight_norm=math.sqrt(weight),
+            grad_norm=math.sqrt(grad) if has_grad and not skipped else math.nan,
+            status=status,
+        )
+    return results
+
+
+def warn_without_gradients(layout: Layout) -> None:
+    plain = {type(h).__name__ for h in layout.holders.values() if _first_moment(h) is None}
+    if plain:
+        warnings.warn(
+            "layerlr.callbacks.UpdateLogger: grad_norm is read back from the first "
+            "moment of Adam, AdamW, Nadam, Lamb, Adamax and Lion; "
+            f"{', '.join(sorted(plain))} keeps none, so the gradient norm of the "
+            "groups it trains is logged as NaN (update ratios and weight norms are "
+            "measured all the same).",
+            stacklevel=3,
+        )
