@@ -46,7 +46,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     out_dir = tmp_path / "demo"
     assert main(["demo", "--quick", "--out-dir", str(out_dir)]) == 0
     printed = capsys.readouterr().out
-    assert "Epoch 1/" in printed  # Keras progress bars
+    assert "Epoch 1/" not in printed  # no progress bars unless --verbose
+    assert len(printed.splitlines()) < 120
     assert "LayerwiseOptimizer(Adam) at step 0" in printed  # the summary before fit
     for method in demo.METHODS:
         assert any(line.startswith(method) for line in printed.splitlines()), method
@@ -54,7 +55,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     expected = {
         "comparison.png", "results.json", "per_layer_rates.keras",
         "per_layer_rates_learning_rates.png", "layer_wise_decay.keras",
-        "layer_wise_decay_learning_rates.png",
+        "layer_wise_decay_learning_rates.png", "update_ratios.png",
     }
     assert expected <= set(os.listdir(out_dir))
     summary = json.loads((out_dir / "results.json").read_text())
@@ -73,9 +74,27 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     per_layer = methods["per-layer rates"]["backbone_change"][0]
     assert 0.0 < per_layer < one_lr / 10  # 1e-5 vs 1e-3
 
+    # The update ratios of seed 0, per layer: at 1/100 of the rate the
+    # backbone moves far less per step than with one learning rate.
+    updates = summary["updates_seed_0"]
+    assert list(updates) == list(demo.METHODS)
+    for method in ("one learning rate", "per-layer rates"):
+        assert {k for k in updates[method] if k.startswith("update_ratio/")} == {
+            f"update_ratio/{n}" for n in ("conv1", "conv2", "conv3", "conv4", "conv5", "new_conv", "new_head")
+        }
+    one = np.mean(updates["one learning rate"]["update_ratio/conv3"])
+    slow = np.mean(updates["per-layer rates"]["update_ratio/conv3"])
+    assert 0 < slow < one / 10
+    assert set(updates["frozen backbone"]["status/conv1"]) == {"frozen"}
+
     # The saved per-layer model is inspectable and kept its multipliers.
     assert main(["inspect", str(out_dir / "per_layer_rates.keras"), "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
     backbone = [r for r in records if r["lr_rule"] == "layer 'backbone'"]
     assert len(backbone) == 10 and {r["lr_mult"] for r in backbone} == {0.01}
     assert {r["lr_mult"] for r in records if r not in backbone} == {1.0}
+
+
+def test_verbose_and_quiet_are_exclusive():
+    with pytest.raises(SystemExit, match="--quiet and --verbose"):
+        main(["demo", "--quick", "--quiet", "--verbose"])

@@ -450,7 +450,7 @@ def _plot_updates(updates: dict[str, dict], out_dir: str) -> str:
     for ax, method in zip(axes, METHODS):
         logged = updates[method]
         groups = [k[len("update_ratio/"):] for k in logged if k.startswith("update_ratio/")]
-        layerlr.plot.update_ratios(logged, ax=ax, title=f"{method} ({_DESCRIPTIONS[method]})",
+        layerlr.plot.update_ratios(logged, ax=ax, title=f"{method}\n{_DESCRIPTIONS[method]}",
                                    colors=_layer_colors(groups), legend=False)
         ax.title.set_fontsize("medium")
     # One scale for all four, so that they compare at a glance.
