@@ -6,6 +6,8 @@ the plain optimizer on the same model, same process, same rounds:
 - first call (trace + compile) <= 1.10x plain (not applicable to eager torch);
 - optimizer memory = plain + a constant (the same few bytes for every model);
 - rule resolution for 10,000 variables x 100 rules < 0.5 s, for every selector kind;
+- ``layerlr --help`` and ``--version`` < 1 s, importing no backend, writing
+  nothing to stderr;
 - with one group per variable (~50 groups): faster optimizer step and faster
   first call than Keras' MultiOptimizer.
 Verdicts use the median of the paired per-round ratios; the spread next to it
@@ -18,6 +20,7 @@ FULL_STEP_MAX = 1.02
 OPT_STEP_MAX = 1.05
 FIRST_CALL_MAX = 1.10
 RESOLVE_MAX_S = 0.5
+CLI_MAX_S = 1.0
 MEMORY_CONSTANT_MAX = 64  # bytes: a scalar or two, never per variable
 MANY_GROUPS_MODEL = "tfm_pv"
 
@@ -89,7 +92,20 @@ def targets(result: dict) -> list[dict]:
                 config=config["config"], model="-",
                 measured=f"{res['resolve_s']:.2f} s (build: {res['build_s']:.2f} s)",
                 verdict=_verdict(res["resolve_s"] < RESOLVE_MAX_S)))
+    for flag, cli in (result.get("cli_startup") or {}).items():
+        rows.append(dict(target=f"layerlr {flag} < {CLI_MAX_S:g} s, no backend import",
+                         config="-", model="-", measured=_cli_measured(cli),
+                         verdict=_verdict(_cli_ok(cli))))
     return rows
+
+
+def _cli_ok(cli: dict) -> bool:
+    return cli["seconds"] < CLI_MAX_S and not cli["backends_imported"] and not cli["stderr_lines"]
+
+
+def _cli_measured(cli: dict) -> str:
+    imported = ", ".join(cli["backends_imported"]) or "no backend"
+    return f"{cli['seconds']:.2f} s, {imported} imported, {cli['stderr_lines']} stderr lines"
 
 
 def _resolution_rows(config: dict) -> list[dict]:
@@ -194,6 +210,11 @@ def markdown_summary(result: dict) -> str:
                     + "; ".join(f"{r['label'] + ' ' if 'label' in r else ''}{r['resolve_s']:.2f} s "
                                 f"{_verdict(r['resolve_s'] < RESOLVE_MAX_S)}" for r in figures)
                     + ".")
+    cli = result.get("cli_startup")
+    if cli:
+        out += ("\n\nCommand line: " + "; ".join(
+            f"`layerlr {flag}` {_cli_measured(c)} {_verdict(_cli_ok(c))}" for flag, c in cli.items())
+            + f" (< {CLI_MAX_S:g} s, no backend, no stderr).")
     return out
 
 

@@ -140,7 +140,7 @@ def _path_endswith(suffix: str):
     return lambda v: v.path.endswith(suffix)
 
 
-def model_rules(kind: str, n_rules: int, model, blocks: list, leaves: list) -> list:
+def model_rules(kind: str, n_rules: int, blocks: list) -> list:
     """``n_rules`` rules of ``kind`` over `make_model`'s model, each a first match."""
     half = _first_half(blocks)
     if kind == "layers":
@@ -215,9 +215,9 @@ def measure_kind(kind: str, n_variables: int = 10_000, n_rules: int = 100, repea
         variables = make_variables(n_variables)
         rules = make_rules(n_rules, variables)
     else:
-        model, blocks, leaves = _model or make_model(n_variables, n_rules)
+        model, blocks, _ = _model or make_model(n_variables, n_rules)
         variables = model.trainable_variables
-        rules = model_rules(kind, n_rules, model, blocks, leaves)
+        rules = model_rules(kind, n_rules, blocks)
 
     def fresh():
         return layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1, weight_decay=1e-4),

@@ -81,6 +81,47 @@ def thread_env(threads: int, xla_flags: str) -> dict:
             "TF_NUM_INTEROP_THREADS": n, "XLA_FLAGS": (xla_flags + " " + flags).strip()}
 
 
+# `layerlr ARGS` as the console script runs it, reporting on stderr's last line
+# which backends got imported.
+CLI_CHILD = """
+import json, sys
+from layerlr_cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps([m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules]),
+      file=sys.stderr)
+"""
+
+
+def cli_startup(repeats: int = 3) -> dict:
+    """Wall seconds of ``layerlr --help`` / ``--version`` in a fresh interpreter (median).
+
+    Also what else they did: which backends they imported and how many lines
+    they wrote to stderr (TensorFlow logs some on import unless told not to,
+    so TF_CPP_MIN_LOG_LEVEL is left out of their environment).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    out = {}
+    for flag in ("--help", "--version"):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-c", CLI_CHILD, flag], env=env,
+                                  capture_output=True, text=True, timeout=300)
+            times.append(time.perf_counter() - start)
+        lines = proc.stderr.splitlines()
+        try:
+            backends = json.loads(lines.pop())
+        except (IndexError, ValueError):  # it failed before reporting
+            backends = [f"(exit status {proc.returncode}: unknown)"]
+        out[flag] = {"seconds": sorted(times)[len(times) // 2], "runs_s": times,
+                     "backends_imported": backends, "stderr_lines": len(lines)}
+    return out
+
+
 def run_config(name: str, settings: dict, args, resolve: bool) -> dict:
     backend, jit = CONFIGS[name]
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +278,8 @@ def main(argv=None) -> int:
 
     started = _dt.datetime.now(_dt.timezone.utc)
     results = [run_config(c, settings, args, resolve=c == resolve_in) for c in configs]
+    print("== layerlr --help / --version startup", file=sys.stderr, flush=True)
+    cli = cli_startup()
     versions = {"python": platform.python_version()}
     for r in results:
         versions.update(r.get("versions", {}))
@@ -256,6 +299,7 @@ def main(argv=None) -> int:
             "seconds": round((_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()),
         },
         "configs": results,
+        "cli_startup": cli,
     }
     result["targets"] = _report.targets(result)
     text = _report.markdown(result)

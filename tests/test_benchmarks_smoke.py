@@ -140,6 +140,18 @@ def test_resolution_figure_is_recorded(run):
     assert res["kinds"]["paths"]["resolve_s"] == res["resolve_s"]
 
 
+def test_command_line_startup_is_recorded(run):
+    out, stdout = run
+    cli = json.loads((out / "latest.json").read_text())["cli_startup"]
+    assert set(cli) == {"--help", "--version"}
+    for flag, figure in cli.items():
+        assert len(figure["runs_s"]) == 3 and figure["seconds"] in figure["runs_s"]
+        # What must hold on any machine; the time is the table's business.
+        assert figure["backends_imported"] == [] and figure["stderr_lines"] == 0, flag
+        assert f"| layerlr {flag} < 1 s, no backend import | - | - |" in stdout
+    assert "Command line: `layerlr --help`" in (out / "latest.md").read_text()
+
+
 def test_resolution_benchmark_runs_alone(tmp_path, capsys):
     figures = tmp_path / "resolution.json"
     assert _resolve_bench.main(["--variables", "1000", "--rules", "30", "--repeats", "1",
@@ -246,6 +258,21 @@ def test_resolution_has_a_verdict_per_selector_kind():
     assert ("resolve 10,000 variables x 100 rules", "-") not in verdicts  # no kind-less row
     summary = _report.markdown_summary({"configs": result["configs"]})
     assert "layer objects 0.49 s PASS; Sequential blocks (+ layers inside them) 0.50 s FAIL." in summary
+
+
+def test_command_line_target_fails_when_slow_importing_a_backend_or_logging():
+    def figure(seconds, backends=(), stderr_lines=0):
+        return {"seconds": seconds, "runs_s": [seconds], "backends_imported": list(backends),
+                "stderr_lines": stderr_lines}
+
+    result = _result(1.0, 1.0, 1.0, 0.9, 12, 12, 0.1)
+    for cli, verdict in (({"--help": figure(0.99)}, "PASS"), ({"--help": figure(1.0)}, "FAIL"),
+                         ({"--help": figure(0.2, ["keras", "tensorflow"])}, "FAIL"),
+                         ({"--help": figure(0.2, stderr_lines=2)}, "FAIL")):
+        result["cli_startup"] = cli
+        assert _verdicts(result)[("layerlr --help", "-")] == verdict, cli
+    assert "keras, tensorflow imported" in _report.markdown_summary(
+        dict(result, cli_startup={"--version": figure(0.2, ["keras", "tensorflow"])}))
 
 
 def test_memory_target_fails_when_the_extra_bytes_grow_with_the_model():
