@@ -225,3 +225,33 @@ def test_apply_without_variables_checks_the_gradient_count():
     grads = [keras.ops.zeros(v.shape) for v in model.trainable_variables]
     with pytest.raises(ValueError, match="Got 3 gradients, but the optimizer updates 4 variables"):
         opt.apply(grads[:3])
+
+
+@pytest.mark.parametrize("name", ["nadam", pytest.param("adam", marks=pytest.mark.slow)])
+def test_backup_and_restore_resumes_exactly_after_unfreezing(name, tmp_path):
+    """Killed after the backbone joined; the resumed run ends where torch's uninterrupted one does."""
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == EPOCHS - 1:
+                raise RuntimeError("simulated crash")
+
+    def run(model, crash):
+        x, y = make_data()
+        backbone = model.get_layer("backbone")
+        model.compile(optimizer=make_optimizer(name, "gradual", backbone=backbone), loss="mse")
+        callbacks = [keras.callbacks.BackupAndRestore(str(tmp_path / "backup")),
+                     layerlr.GradualUnfreezing([model.get_layer("head"), backbone], every=FROZEN_EPOCHS)]
+        model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+                  callbacks=callbacks + ([Crash()] if crash else []))
+
+    first = make_model()
+    initial = [w.copy() for w in first.get_weights()]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(first, crash=True)
+    resumed = make_model()  # fresh model and optimizer, restored from the backup
+    run(resumed, crash=False)
+    opt = resumed.optimizer
+    assert int(opt.iterations) == EPOCHS * STEPS_PER_EPOCH
+    assert sorted(m.start_step for m in opt.multipliers.values()) == [0, 0] + [FROZEN_EPOCHS * STEPS_PER_EPOCH] * 2
+    assert relative_error(initial, resumed.get_weights(), reference(name, initial)) < 1e-4

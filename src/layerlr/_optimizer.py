@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import warnings
 import weakref
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 from layerlr import _hooks, _rules, _state
 from layerlr._backend import (
@@ -595,6 +597,74 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         # that level is us) and pairs these with our `_trainable_variables`.
         return [self._average_of(v) for v in self._trainable_variables]
 
+    # --- weight files ------------------------------------------------------
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        entries = self._layerlr.resolved
+        if entries and any(e.start_step for e in entries):
+            # Weight files (BackupAndRestore, save_weights) record state by
+            # index only; with late starts that order and the start steps are
+            # not the ones a fresh build gives, so they travel with the state.
+            structure_of = self._structure_of()
+            record = {
+                "start_steps": [e.start_step for e in entries],
+                "paths": [e.path for e in entries],
+                "structures": None if structure_of is None
+                else [structure_of(v) for v in self.inner_optimizer._trainable_variables],
+            }
+            store[_LATE_STARTS_KEY] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if _LATE_STARTS_KEY in keys:
+            record = json.loads(bytes(np.asarray(store[_LATE_STARTS_KEY], dtype=np.uint8)).decode())
+            self._restore_late_starts(record)
+            store = {k: store[k] for k in keys if k != _LATE_STARTS_KEY}
+        super().load_own_variables(store)
+
+    def _restore_late_starts(self, record) -> None:
+        """Rebuilds the inner optimizer over the saved variables, in the saved order.
+
+        Its values are overwritten by the load that follows; what must match
+        is which variables it holds state for (some may be frozen again now,
+        e.g. before `GradualUnfreezing` unfreezes them on resuming) and their
+        start steps.
+        """
+        model = self._layerlr.remembered_model() or find_model(())
+        if model is None or self._layerlr.resolved is None:
+            raise ValueError(
+                "These optimizer weights were saved after some variables started "
+                "training late (unfrozen layers). Build the optimizer on its model "
+                "before loading them: `optimizer.build(model)` or "
+                "`model.optimizer.build(model.trainable_variables)` inside the model's "
+                "scope, then `model.load_weights(...)`."
+            )
+        inner = self.inner_optimizer
+        if record["structures"] is not None:
+            owners = layers_of_model(model)
+            ordered = match_saved(
+                record["structures"], model.trainable_variables, model.non_trainable_weights,
+                path_of=lambda v: _rules.structural_path(v, owners.get(id(v), ())),
+            )
+        else:
+            ordered = match_saved(record["paths"], model.trainable_variables, model.non_trainable_weights)
+        if isinstance(ordered, str):
+            raise ValueError(
+                f"The optimizer weights being loaded do not fit this model: {ordered}. "
+                "Load them into the model they were saved from."
+            )
+        known = {inner._var_key(v): e for v, e in zip(inner._trainable_variables, self._layerlr.resolved)}
+        new = [v for v in ordered if inner._var_key(v) not in known]
+        fresh = iter(self._resolve_rules(new, model, check_unused=False) if new else ())
+        entries = tuple(
+            dataclasses.replace(known.get(inner._var_key(v)) or next(fresh), start_step=int(start))
+            for v, start in zip(ordered, record["start_steps"])
+        )
+        with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+            _state.rebuild(inner, ordered)
+        self._install(entries, model)
+
     # --- serialization -----------------------------------------------------
 
     def get_config(self):
@@ -666,6 +736,9 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
 
 def _rules_from_config(config):
     return [(rule.selector, rule.value) for rule in _rules.rules_from_config(config)]
+
+
+_LATE_STARTS_KEY = "layerlr_late_starts"
 
 
 def _rules_config(rules, structure_of) -> list[dict]:
