@@ -19,7 +19,7 @@ import os
 import sys
 
 
-def _tf_mirrored(job):
+def _two_cpu_mirrored_strategy():
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -27,8 +27,30 @@ def _tf_mirrored(job):
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
     )
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-    strategy = tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.MirroredStrategy(devices), devices
+
+
+def _tf_mirrored(job):
+    strategy, devices = _two_cpu_mirrored_strategy()
     return _train_under_tf_strategy(job, strategy, {"devices": devices})
+
+
+def _tf_mirrored_late_start(job):
+    """The late-start scenario of test_late_start.py (GradualUnfreezing) on 2 replicas."""
+    strategy, devices = _two_cpu_mirrored_strategy()
+    import layerlr
+    import _scenarios as sc
+    import test_late_start as late
+
+    with strategy.scope():
+        model = late.make_model()
+        model.set_weights(sc.load_weights(job["init"]))
+        backbone = model.get_layer("backbone")
+        model.compile(optimizer=late.make_optimizer(job["optimizer"], "gradual", backbone=backbone), loss="mse")
+    x, y = late.make_data()
+    unfreeze = layerlr.GradualUnfreezing([model.get_layer("head"), backbone], every=late.FROZEN_EPOCHS)
+    model.fit(x, y, batch_size=late.BATCH, epochs=late.EPOCHS, shuffle=False, verbose=0, callbacks=[unfreeze])
+    return model.get_weights(), {"devices": devices, "replicas": strategy.num_replicas_in_sync}
 
 
 def _tf_multi_worker(job):
@@ -172,6 +194,7 @@ def _resume(job):
 
 MODES = {
     "tf_mirrored": _tf_mirrored,
+    "tf_mirrored_late_start": _tf_mirrored_late_start,
     "tf_multi_worker": _tf_multi_worker,
     "jax_data_parallel": _jax_distributed,
     "jax_model_parallel": _jax_distributed,

@@ -255,3 +255,18 @@ def test_backup_and_restore_resumes_exactly_after_unfreezing(name, tmp_path):
     assert int(opt.iterations) == EPOCHS * STEPS_PER_EPOCH
     assert sorted(m.start_step for m in opt.multipliers.values()) == [0, 0] + [FROZEN_EPOCHS * STEPS_PER_EPOCH] * 2
     assert relative_error(initial, resumed.get_weights(), reference(name, initial)) < 1e-4
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute needs the tensorflow backend")
+@pytest.mark.parametrize("name", ["nadam", pytest.param("adam", marks=pytest.mark.slow)])
+def test_mirrored_strategy_with_two_replicas(name, tmp_path):
+    import _procs
+    import _scenarios as sc
+
+    initial = make_model().get_weights()
+    sc.save_weights(tmp_path / "init.npz", initial)
+    job = {"mode": "tf_mirrored_late_start", "init": str(tmp_path / "init.npz"),
+           "out": str(tmp_path / "out.npz"), "optimizer": name}
+    distributed, facts = _procs.run_one(job, _procs.worker_env("tensorflow"), 240)
+    assert facts["replicas"] == 2
+    assert relative_error(initial, distributed, reference(name, initial)) < 1e-4
