@@ -32,7 +32,8 @@ from conftest import BACKEND
 ROWS, BATCH, FROZEN_EPOCHS, EPOCHS = 32, 8, 2, 4
 STEPS_PER_EPOCH = ROWS // BATCH
 BASE_LR = {"sgd": 0.05, "adam": 0.01, "adamw": 0.01, "nadam": 0.01, "adamax": 0.01,
-           "rmsprop": 0.005, "adagrad": 0.05, "lion": 0.002, "lamb": 0.01}
+           "rmsprop": 0.005, "adagrad": 0.05, "lion": 0.002, "lamb": 0.01,
+           "adafactor": 0.05}
 BACKBONE_MULT = 0.3
 BIAS_DECAY_MULT = 0.0
 JOINS = ("recompile", "gradual", "schedule", "reload")
@@ -143,7 +144,7 @@ def relative_error(initial, final, expected) -> float:
 # a shared step count at once), and the other step-counting optimizers.
 FAST = {("adam", j) for j in JOINS} | {("nadam", "gradual"), ("adamw", "recompile"),
                                        ("adamax", "schedule"), ("lamb", "recompile"),
-                                       ("sgd", "gradual")}
+                                       ("sgd", "gradual"), ("adafactor", "gradual")}
 CASES = [
     pytest.param(name, join, id=f"{name}-{join}",
                  marks=() if (name, join) in FAST else pytest.mark.slow)

@@ -26,10 +26,11 @@ KERAS_KWARGS = {
     "adagrad": dict(initial_accumulator_value=0.1, epsilon=EPS),
     "lion": dict(),
     "lamb": dict(epsilon=EPS),
+    "adafactor": dict(),
 }
 KERAS_CLASS = {
     "sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "nadam": "Nadam", "adamax": "Adamax",
-    "rmsprop": "RMSprop", "adagrad": "Adagrad", "lion": "Lion", "lamb": "Lamb",
+    "rmsprop": "RMSprop", "adagrad": "Adagrad", "lion": "Lion", "lamb": "Lamb", "adafactor": "Adafactor",
 }
 
 
@@ -75,6 +76,41 @@ class Lamb(torch.optim.Optimizer):
                 p.sub_(group["lr"] * ratio * update)
 
 
+class Adafactor(torch.optim.Optimizer):
+    """Shazeer & Stern 2018 with relative step sizes, as Keras' defaults configure it."""
+
+    def __init__(self, params, lr, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3, clip_threshold=1.0):
+        super().__init__(params, dict(lr=lr, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
+                                      epsilon_2=epsilon_2, clip_threshold=clip_threshold))
+
+    @staticmethod
+    def _rms(x):
+        return torch.sqrt(torch.mean(x * x))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = t = state.get("step", 0) + 1
+                rho = min(group["lr"], 1 / t ** 0.5)
+                alpha = max(group["epsilon_2"], float(self._rms(p))) * rho
+                g2 = p.grad * p.grad + group["epsilon_1"]
+                beta = 1 - t ** group["beta_2_decay"]
+                if p.dim() >= 2:
+                    r = state.setdefault("r", torch.zeros(p.shape[:-1]))
+                    c = state.setdefault("c", torch.zeros(p.shape[:-2] + p.shape[-1:]))
+                    r.mul_(beta).add_((1 - beta) * g2.mean(dim=-1))
+                    c.mul_(beta).add_((1 - beta) * g2.mean(dim=-2))
+                    v = (r / r.mean(dim=-1, keepdim=True)).unsqueeze(-1) * c.unsqueeze(-2)
+                else:
+                    v = state.setdefault("v", torch.zeros_like(p))
+                    v.mul_(beta).add_((1 - beta) * g2)
+                u = p.grad / torch.sqrt(v)
+                u = u / max(1.0, float(self._rms(u)) / group["clip_threshold"])
+                p.sub_(alpha * u)
+
+
 def _group(name: str, param, lr: float, wd: float) -> dict:
     group = {"params": [param], "lr": lr}
     if name in ("adamw", "lion", "lamb"):
@@ -103,6 +139,8 @@ def make(name: str, groups: list[dict]) -> torch.optim.Optimizer:
         return Lion(groups, lr=0.0)
     if name == "lamb":
         return Lamb(groups, lr=0.0)
+    if name == "adafactor":
+        return Adafactor(groups, lr=0.0)
     raise KeyError(name)
 
 
