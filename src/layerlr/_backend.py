@@ -33,8 +33,8 @@ def tracking_on():
 def tracking_off():
     """Attribute assignments add nothing to Keras' variable tracking.
 
-    For the wrapper's references to its inner optimizer's state, which must
-    not become the wrapper's own variables.
+    For the wrapper's base-constructor state and its references to the inner
+    optimizer's state, none of which may become the wrapper's own variables.
     """
     from keras.src.utils import tracking
 

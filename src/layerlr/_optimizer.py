@@ -219,7 +219,7 @@ class _Wrapper(keras.optimizers.Optimizer):
         # The base constructor's own `iteration` and `learning_rate`: in
         # `variables` they would shift every index (`variables[0]` would not be
         # the step counter; a plain optimizer's weights would not fit
-        # set_weights or weight files). Not tracked rather than untracked
+        # set_weights or weight files). Never tracked rather than untracked
         # later: on TF, removing items from a tracked list breaks checkpoints.
         if self.__dict__.get("inner_optimizer") is not None:
             super()._track_variable(variable)
@@ -332,8 +332,10 @@ class LayerwiseOptimizer(_Wrapper):
                 "Set weight_decay on it, e.g. keras.optimizers.AdamW(..., weight_decay=...).",
                 stacklevel=2,
             )
-        super().__init__(learning_rate=0.0, name=name or inner.name)
+        # Tracking off: the base constructor's own variables must not become
+        # ours by attribute assignment either (see `_Wrapper._track_variable`).
         with tracking_off():
+            super().__init__(learning_rate=0.0, name=name or inner.name)
             self._drop_own_state(inner)
         inner._layerlr_wrapped = True
         self.inner_optimizer = inner
