@@ -103,11 +103,14 @@ def test_every_optimizer_class_reloads_with_the_model(tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=cls.__name__)
 
 
-def test_an_unknown_inner_class_is_a_clear_error():
+def test_an_inner_optimizer_that_cannot_be_restored_is_a_clear_error():
     config = layerlr.LayerwiseOptimizer(keras.optimizers.SGD()).get_config()
     config["optimizer"] = {"module": "nowhere", "class_name": "NoSuchOptimizer",
                            "config": {}, "registered_name": "NoSuchOptimizer"}
-    with pytest.raises((ValueError, TypeError), match="NoSuchOptimizer"):
+    with pytest.raises(TypeError, match="Could not locate class 'NoSuchOptimizer'"):  # Keras' own
+        layerlr.LayerwiseOptimizer.from_config(config)
+    config["optimizer"] = keras.saving.serialize_keras_object(keras.layers.Dense(2))
+    with pytest.raises(ValueError, match="wraps an optimizer that cannot be restored: 'Dense'"):
         layerlr.LayerwiseOptimizer.from_config(config)
 
 

@@ -689,13 +689,13 @@ class LayerwiseOptimizer(_Wrapper):
     def learning_rate(self):
         return self.inner_optimizer.learning_rate
 
-    def _get_current_learning_rate(self):
-        # Base and backend helpers (torch's weight decay) read the rate this way.
-        return self.inner_optimizer._get_current_learning_rate()
-
     @learning_rate.setter
     def learning_rate(self, learning_rate):
         self.inner_optimizer.learning_rate = learning_rate
+
+    def _get_current_learning_rate(self):
+        # Base and backend helpers (torch's weight decay) read the rate this way.
+        return self.inner_optimizer._get_current_learning_rate()
 
     @property
     def iterations(self):
