@@ -5,6 +5,10 @@
 #   bash scripts/test.sh                        # what CI runs
 #   FULL=1 bash scripts/test.sh                 # every file on every backend, slow tests too
 #   BACKENDS=jax bash scripts/test.sh -k saving # extra args go to pytest
+# Then Keras' own optimizer tests through the wrapper: all of them on
+# TensorFlow (tests/test_keras_suite.py), all on torch and a slice on JAX here
+# (scripts/keras_suite.sh runs all of them everywhere; skipped with extra args
+# or KERAS_SUITE=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,8 @@ fi
 
 # Files whose behaviour depends on the backend; the rest (rule resolution,
 # reporting, interop, doctests) is backend-neutral and runs on TensorFlow.
-BACKEND_SENSITIVE="tests/test_equivalence.py tests/test_training.py tests/test_saving.py
+BACKEND_SENSITIVE="tests/test_drop_in.py tests/test_keras_internals.py
+    tests/test_equivalence.py tests/test_training.py tests/test_saving.py
     tests/test_schedules.py tests/test_unfreezing.py tests/test_wrapper_errors.py
     tests/test_numerics.py tests/test_crash_resume.py tests/test_cross_backend.py
     tests/test_distribution.py tests/test_jax_backend.py tests/test_torch_backend.py
@@ -42,4 +47,18 @@ for backend in ${BACKENDS:-tensorflow jax torch}; do
     fi
     KERAS_BACKEND=$backend .venv/bin/python -m pytest -q "${marker[@]}" "${targets[@]}" "$@" || status=1
 done
+
+if [ $# -eq 0 ] && [ "${KERAS_SUITE:-1}" != 0 ]; then
+    all="optimizers/*_test.py optimizers/schedules/*_test.py"
+    for backend in ${BACKENDS:-tensorflow jax torch}; do
+        case "$backend" in
+            tensorflow) [ -n "${FULL:-}" ] || continue; files=$all ;;
+            jax) files=${FULL:+$all}
+                 files=${files:-"optimizers/sgd_test.py optimizers/adam_test.py optimizers/loss_scale_optimizer_test.py"} ;;
+            *) files=$all ;;
+        esac
+        echo "=== Keras' optimizer tests through LayerwiseOptimizer, KERAS_BACKEND=$backend"
+        PYTHON=.venv/bin/python BACKENDS=$backend FILES="$files" bash scripts/keras_suite.sh || status=1
+    done
+fi
 exit $status

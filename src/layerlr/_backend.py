@@ -30,6 +30,19 @@ def tracking_on():
         global_state.set_global_attribute("tracking_on", previous)
 
 
+@contextlib.contextmanager
+def tracking_off():
+    """Attribute assignments add nothing to Keras' variable tracking.
+
+    For the wrapper's base-constructor state and its references to the inner
+    optimizer's state, none of which may become the wrapper's own variables.
+    """
+    from keras.src.utils import tracking
+
+    with tracking.DotNotTrackScope():
+        yield
+
+
 def not_autograph(method):
     """Keeps AutoGraph out of our Python-only logic inside a user's tf.function.
 

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import keras
@@ -29,6 +30,7 @@ from layerlr._backend import (
     layers_of_model,
     not_autograph,
     outside_compiled_step,
+    tracking_off,
     tracking_on,
 )
 from layerlr._saving import match_saved
@@ -98,6 +100,59 @@ _BASE_OPTIMIZER_KWARGS = (
 )
 
 
+# What the base constructor stores for these before the inner optimizer exists
+# (the wrapper takes none of them; see `_read_through`).
+_BASE_DEFAULTS = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "clipvalue": None,
+    "global_clipnorm": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "gradient_accumulation_steps": None,
+}
+
+
+def _read_through(name: str) -> property:
+    """An attribute of the wrapped optimizer, read and set on it.
+
+    Callbacks and user code read these on ``model.optimizer`` (SwapEMAWeights
+    checks ``use_ema``; Keras sets some of them). The base constructor assigns
+    them before the inner optimizer exists, and the base ``build`` would create
+    EMA or accumulator state on the wrapper itself if it saw them set: in both
+    cases the wrapper's own value is the base default.
+    """
+
+    def get(self):
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None or self.__dict__.get("_layerlr_base_build", False):
+            return _BASE_DEFAULTS[name]
+        return getattr(inner, name)
+
+    def set(self, value):
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is not None:
+            setattr(inner, name, value)
+
+    return property(get, set, doc=f"The wrapped optimizer's ``{name}``.")
+
+
+def _holds_saveables(obj) -> bool:
+    """True when ``obj`` has Keras-saveable children (layers, optimizers, ...)."""
+    from layerlr._keras_internals import KerasSaveable
+
+    for value in vars(obj).values():
+        if isinstance(value, Mapping):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            if any(isinstance(v, KerasSaveable) for v in value):
+                return True
+        elif isinstance(value, KerasSaveable):
+            return True
+    return False
+
+
 def _same_variables(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
@@ -150,8 +205,53 @@ def _check_inner(optimizer) -> keras.optimizers.Optimizer:
     return optimizer
 
 
+def _deserialize_inner(config, custom_objects) -> keras.optimizers.Optimizer:
+    # keras.optimizers.deserialize resolves built-ins by name, so a model saved
+    # on torch (module paths under keras.src.backend.torch) loads on TF and
+    # JAX; deserialize_keras_object would fail there. For classes outside
+    # Keras' name list (Lamb, registered user subclasses) it returns the bare
+    # class name instead, and those resolve by module or registered name.
+    inner = keras.optimizers.deserialize(dict(config), custom_objects=custom_objects)
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        inner = keras.saving.deserialize_keras_object(dict(config), custom_objects=custom_objects)
+    if not isinstance(inner, keras.optimizers.Optimizer):
+        raise ValueError(
+            "The saved LayerwiseOptimizer wraps an optimizer that cannot be "
+            f"restored: {config.get('class_name')!r} (module "
+            f"{config.get('module')!r}) is not a Keras optimizer here. If it is "
+            "your own class, decorate it with "
+            "@keras.saving.register_keras_serializable() or pass it in "
+            "custom_objects."
+        )
+    return inner
+
+
+class _Wrapper(keras.optimizers.Optimizer):
+    """The base-optimizer part of `LayerwiseOptimizer`, kept stateless."""
+
+    def _track_variable(self, variable):
+        # The base constructor's own `iteration` and `learning_rate`: in
+        # `variables` they would shift every index (`variables[0]` would not be
+        # the step counter; a plain optimizer's weights would not fit
+        # set_weights or weight files). Never tracked rather than untracked
+        # later: on TF, removing items from a tracked list breaks checkpoints.
+        if self.__dict__.get("inner_optimizer") is not None:
+            super()._track_variable(variable)
+
+    def build(self, var_list):
+        # The base build only records the variable list here; it would also
+        # create EMA averages and gradient accumulators if it saw `use_ema` /
+        # `gradient_accumulation_steps`, which read through to the inner
+        # optimizer, where that state lives.
+        self.__dict__["_layerlr_base_build"] = True
+        try:
+            super().build(var_list)
+        finally:
+            self.__dict__["_layerlr_base_build"] = False
+
+
 @keras.saving.register_keras_serializable(package="layerlr")
-class LayerwiseOptimizer(keras.optimizers.Optimizer):
+class LayerwiseOptimizer(_Wrapper):
     """Per-layer learning-rate and weight-decay multipliers for any Keras optimizer.
 
     Each trainable variable ``v`` is trained exactly as if by the wrapped
@@ -169,7 +269,15 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             ``(selector, multiplier)`` pairs. For each variable the first
             matching rule wins; unmatched variables get 1.0.
         decay_mult: The same, for the weight decay.
-        name: Optional name; defaults to ``"layerwise_optimizer"``.
+        name: Optional name; defaults to the wrapped optimizer's name, so
+            that logs (TensorBoard's ``learning_rate_<name>`` in a
+            MultiOptimizer) stay unique and recognisable.
+
+    Everything else reads as on the wrapped optimizer: ``learning_rate``,
+    ``iterations``, ``weight_decay``, ``clipnorm``, ``use_ema``, its own
+    hyperparameters (``beta_1``, ``momentum``, ...), and ``variables``, which
+    are exactly the wrapped optimizer's (same order, same weight files), so a
+    plain optimizer's saved state loads into a wrapped one and back.
 
     Selectors:
         - a ``keras.Layer``: all its variables, sublayers included, even
@@ -245,11 +353,27 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
                 "Set weight_decay on it, e.g. keras.optimizers.AdamW(..., weight_decay=...).",
                 stacklevel=2,
             )
-        super().__init__(learning_rate=0.0, name=name or "layerwise_optimizer")
+        # Tracking off: the base constructor's own variables must not become
+        # ours by attribute assignment either (see `_Wrapper._track_variable`).
+        with tracking_off():
+            super().__init__(learning_rate=0.0, name=name or inner.name)
+            self._drop_own_state(inner)
         inner._layerlr_wrapped = True
         self.inner_optimizer = inner
         self._layerlr = _State(lr_rules, decay_rules, _saved_from_config(saved))
         self._layerlr.saved_structures = _structures_from_config(saved)
+
+    def _drop_own_state(self, inner) -> None:
+        """Leaves all optimizer state to the inner optimizer.
+
+        The base constructor made an ``iteration`` and a ``learning_rate``
+        variable for the wrapper (left out of ``_variables``, see
+        `_Wrapper._track_variable`); kept as attributes they would be stale
+        copies. The wrapper needs no state of its own: its step counter is
+        the inner's and its learning rate reads through.
+        """
+        self._iterations = inner._iterations
+        del self._learning_rate
 
     # --- building: resolve rules, build the inner optimizer, install the hook --
 
@@ -536,14 +660,85 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
         self.apply(grads, trainable_variables)
         return self.inner_optimizer._iterations
 
+    def update_step(self, gradient, variable, learning_rate):
+        """The wrapped optimizer's update of one variable, at ``learning_rate * lr_mult``.
+
+        As for any Keras optimizer, this is the update rule alone: clipping,
+        weight decay and the step count belong to `apply`.
+        """
+        resolved = self._layerlr.resolved
+        if resolved is None:
+            raise ValueError(
+                "The optimizer is not built yet: call "
+                "`optimizer.build(trainable_variables)` before `update_step`."
+            )
+        inner = self.inner_optimizer
+        lr_mult = resolved[inner._get_variable_index(variable)].lr_mult
+        if isinstance(lr_mult, float):
+            if lr_mult == 0.0:
+                return  # variable and slots untouched, as in training
+            if lr_mult != 1.0:
+                learning_rate = learning_rate * lr_mult
+        else:
+            learning_rate = learning_rate * lr_mult(inner.iterations)
+        # The class's own rule: the instance's is our training hook, which
+        # also applies weight decay.
+        type(inner).update_step(inner, gradient, variable, learning_rate)
+
     @property
     def variables(self):
-        return self._variables[:] + self.inner_optimizer.variables
+        inner = self.__dict__.get("inner_optimizer")
+        return [] if inner is None else inner.variables
 
     def set_weights(self, weights):
-        own = len(self._variables)
-        super().set_weights(weights[:own])
-        self.inner_optimizer.set_weights(weights[own:])
+        self.inner_optimizer.set_weights(weights)
+
+    def __dir__(self):
+        # Keras' saving walks `dir()` and would save the inner optimizer a
+        # second time, under `optimizer/inner_optimizer`, where a plain
+        # optimizer's file has nothing (and loading one would warn). Its state
+        # is already ours (`save_own_variables`), in the plain layout. An inner
+        # optimizer with saveable children of its own stays visible, so that
+        # nothing of it goes unsaved.
+        names = super().__dir__()
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is not None and not _holds_saveables(inner):
+            names = [n for n in names if n != "inner_optimizer"]
+        return names
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: the inner optimizer's own
+        # public hyperparameters (`beta_1`, `momentum`, `epsilon`, ...).
+        # Private names are never forwarded: TF's tracking and Keras probe
+        # those with hasattr() to detect an object's own state.
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
+    def __setattr__(self, name, value):
+        # Setting a hyperparameter of the inner optimizer (`opt.beta_1 = ...`)
+        # must reach it, not shadow it with an unused copy on the wrapper.
+        inner = self.__dict__.get("inner_optimizer")
+        if (
+            inner is not None
+            and not name.startswith("_")
+            and name not in self.__dict__
+            and not hasattr(type(self), name)
+            and hasattr(inner, name)
+        ):
+            setattr(inner, name, value)
+            return
+        super().__setattr__(name, value)
+
+    weight_decay = _read_through("weight_decay")
+    clipnorm = _read_through("clipnorm")
+    clipvalue = _read_through("clipvalue")
+    global_clipnorm = _read_through("global_clipnorm")
+    use_ema = _read_through("use_ema")
+    ema_momentum = _read_through("ema_momentum")
+    ema_overwrite_frequency = _read_through("ema_overwrite_frequency")
+    gradient_accumulation_steps = _read_through("gradient_accumulation_steps")
 
     @property
     def learning_rate(self):
@@ -552,6 +747,10 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     @learning_rate.setter
     def learning_rate(self, learning_rate):
         self.inner_optimizer.learning_rate = learning_rate
+
+    def _get_current_learning_rate(self):
+        # Base and backend helpers (torch's weight decay) read the rate this way.
+        return self.inner_optimizer._get_current_learning_rate()
 
     @property
     def iterations(self):
@@ -600,7 +799,8 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     # --- weight files ------------------------------------------------------
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)
+        # The inner optimizer's state, in the plain optimizer's layout.
+        self.inner_optimizer.save_own_variables(store)
         entries = self._layerlr.resolved
         if entries and any(e.start_step for e in entries):
             # Weight files (BackupAndRestore, save_weights) record state by
@@ -621,7 +821,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
             record = json.loads(bytes(np.asarray(store[_LATE_STARTS_KEY], dtype=np.uint8)).decode())
             self._restore_late_starts(record)
             store = {k: store[k] for k in keys if k != _LATE_STARTS_KEY}
-        super().load_own_variables(store)
+        self.inner_optimizer.load_own_variables(store)
 
     def _restore_late_starts(self, record) -> None:
         """Rebuilds the inner optimizer over the saved variables, in the saved order.
@@ -699,12 +899,7 @@ class LayerwiseOptimizer(keras.optimizers.Optimizer):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        # keras.optimizers.deserialize resolves built-ins by name, so a model
-        # saved on torch (module paths under keras.src.backend.torch) loads on
-        # TF and JAX; deserialize_keras_object would fail there.
-        inner = keras.optimizers.deserialize(
-            dict(config.pop("optimizer")), custom_objects=custom_objects
-        )
+        inner = _deserialize_inner(config.pop("optimizer"), custom_objects)
         return cls(
             inner,
             lr_mult=_rules_from_config(config.pop("lr_mult", None)),
