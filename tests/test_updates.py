@@ -71,6 +71,8 @@ def test_numbers_match_a_hand_written_training_loop(optimizer):
     model.fit(x, y, batch_size=16, epochs=5, shuffle=False, verbose=0, callbacks=[logger])
 
     assert logger.history["step"] == [0, 2, 4]
+    # The groups of the summary (and of `layerlr inspect`, LearningRateLogger).
+    assert {r["group"] for r in layerlr.summary_records(model)} == set(GROUPS)
     expected = {f"{m}/{g}": [] for m in ("update_ratio", "weight_norm", "grad_norm") for g in GROUPS}
     for step in range(5):
         before = by_path(twin)
