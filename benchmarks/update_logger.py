@@ -37,7 +37,10 @@ class _TimedLogger(layerlr.callbacks.UpdateLogger):
     """UpdateLogger that adds up the time spent inside its own hooks.
 
     A direct measure of its cost, far steadier on a shared machine than the
-    difference of two fit times (the paired ratio, reported too).
+    difference of two fit times (the paired ratio, reported too). On JAX,
+    where steps are dispatched asynchronously, it over-counts: reading the
+    weights on the host waits for the steps still running, time that fit
+    spends waiting for the device anyway (the paired ratio shows it).
     """
 
     def __init__(self, *args, **kwargs):

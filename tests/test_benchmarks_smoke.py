@@ -284,3 +284,18 @@ def test_eager_torch_has_no_compile_verdict():
     verdicts = _verdicts(_result(1.0, 1.0, 5.0, 0.9, 8, 8, 0.5, backend="torch"))
     assert verdicts[("compile", "conv")] == "n/a"
     assert verdicts[("compile faster than MultiOptimizer", "tfm_pv")] == "n/a"
+
+
+def test_update_logger_section_measures_fit_with_and_without_the_logger():
+    from benchmarks import update_logger
+
+    result = update_logger.measure(rounds=2, steps=6, every=3, tiny=True)
+    # Steps 0 and 3 of the 6 are measured; no timing is asserted, only that
+    # every figure is there and means what it says.
+    assert result["measured_steps_per_fit"] == 2 and result["rounds"] == 2
+    assert result["backend"] == BACKEND
+    for key in ("ratio", "control", "inside_fraction"):
+        assert result[key]["n"] == 2 and result[key]["q25"] <= result[key]["median"] <= result[key]["q75"]
+    assert 0 < result["inside_fraction"]["median"] < 1
+    assert result["verdict"] in ("PASS", "FAIL")
+    assert "time inside UpdateLogger(every=3)" in update_logger.line(result)

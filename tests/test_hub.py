@@ -133,7 +133,7 @@ def test_example_fine_tunes_with_layer_decay_no_decay_and_warmup():
 
 def test_example_with_lora_trains_only_adapters_and_head():
     example = load_example()
-    result = example.main(epochs=2, n=64, lora=True, verbose=0)
+    result = example.main(epochs=1, n=64, lora=True, verbose=0)
     rates = {k[len("learning_rate/"):]: v[-1] for k, v in result["history"].items()
              if k.startswith("learning_rate/")}
     b = "transformer_layer_0/self_attention_layer/query/lora_kernel_b"

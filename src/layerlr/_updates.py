@@ -66,10 +66,44 @@ def _slot_holder(optimizer):
     return optimizer.inner_optimizer if isinstance(optimizer, LayerwiseOptimizer) else optimizer
 
 
+def _host(value) -> np.ndarray:
+    """A float64 copy on the host. A copy, always: torch shares CPU memory with
+    numpy and updates in place, JAX reuses donated buffers."""
+    devices = getattr(value, "devices", None)
+    if devices is not None and hasattr(value, "addressable_data") and len(devices()) == 1:
+        # One JAX device: read its buffer directly. np.array(jax_array) goes
+        # through a host transfer that costs ~10 ms per array on a busy CPU.
+        value = value.addressable_data(0)
+    return np.array(np.asarray(value), dtype=np.float64, copy=True)
+
+
 def _copy(variable) -> np.ndarray:
-    # A copy, always: torch shares CPU memory with numpy and updates in
-    # place, JAX reuses donated buffers.
-    return np.array(keras.ops.convert_to_numpy(variable.value), dtype=np.float64, copy=True)
+    value = variable.value
+    if keras.backend.backend() != "jax":
+        value = keras.ops.convert_to_numpy(value)
+    return _host(value)
+
+
+def _values(model, variables) -> list[np.ndarray]:
+    """float64 copies of the variables' values now, in one transfer where possible.
+
+    On JAX, ``fit`` keeps the training state outside the variables during an
+    epoch; reading a variable would first write the whole state back into every
+    variable (``jax_state_sync``) and make the next step fetch it all again. So
+    the values come straight from that state.
+    """
+    state = getattr(model, "_jax_state", None) if keras.backend.backend() == "jax" else None
+    if state and not getattr(model, "_jax_state_synced", True):
+        arrays: dict[int, object] = {}
+        for refs, values in (
+            (model.trainable_variables, state.get("trainable_variables")),
+            (model.optimizer.variables, state.get("optimizer_variables")),
+        ):
+            if values:
+                arrays.update((id(r), v) for r, v in zip(refs, values))
+        if all(id(v) in arrays for v in variables):
+            return [_host(arrays[id(v)]) for v in variables]
+    return [_copy(v) for v in variables]
 
 
 def _sq(x: np.ndarray) -> float:
@@ -200,22 +234,35 @@ def _moment_variable(holder, variable):
     return slots[holder._get_variable_index(variable)]
 
 
+def _moments_of(layout: Layout, variables) -> dict[int, object]:
+    """The first-moment slot variable of each variable, where its optimizer has one."""
+    slots = {}
+    for v in variables:
+        holder = layout.holders.get(id(v))
+        if holder is not None and _first_moment(holder) is not None:
+            slots[id(v)] = _moment_variable(holder, v)  # None: not built yet
+    return slots
+
+
+def _read(layout: Layout, model, counter):
+    """(raw step, {id: weight}, {id: moment or None}) of the trained variables, read at once."""
+    trained = [v for vs in layout.groups.values() for v in vs if id(v) in layout.trained]
+    slots = _moments_of(layout, trained)
+    with_slot = [v for v in trained if slots.get(id(v)) is not None]
+    values = _values(model, [counter] + trained + [slots[id(v)] for v in with_slot])
+    raw = int(values[0])
+    weights = {id(v): x for v, x in zip(trained, values[1 : 1 + len(trained)])}
+    moments = {id(v): None for v in trained if id(v) in slots}
+    moments.update((id(v), x) for v, x in zip(with_slot, values[1 + len(trained):]))
+    return raw, weights, moments
+
+
 def snapshot(layout: Layout, model, accumulation: int) -> Snapshot:
     counter, _ = step_counter(model.optimizer)
-    raw = int(keras.ops.convert_to_numpy(counter.value))
-    weights, moments = {}, {}
-    for variables in layout.groups.values():
-        for v in variables:
-            if id(v) not in layout.trained:
-                continue
-            weights[id(v)] = _copy(v)
-            holder = layout.holders.get(id(v))
-            if holder is None or _first_moment(holder) is None:
-                continue
-            slot = _moment_variable(holder, v)
-            # Not built yet (TensorFlow builds in the first step) or just
-            # unfrozen: the slot the step creates starts at zero.
-            moments[id(v)] = _copy(slot) if slot is not None else np.zeros(weights[id(v)].shape)
+    raw, weights, moments = _read(layout, model, counter)
+    # A slot not built yet (TensorFlow builds in the first step) or created
+    # at unfreezing starts at zero.
+    moments = {k: (m if m is not None else np.zeros(weights[k].shape)) for k, m in moments.items()}
     return Snapshot(layout, raw // accumulation, raw, weights, moments)
 
 
@@ -223,7 +270,8 @@ def measure(before: Snapshot, model) -> dict[str, dict]:
     """``{group: {"update_ratio", "weight_norm", "grad_norm", "status"}}`` for one step."""
     layout = before.layout
     counter, _ = step_counter(model.optimizer)
-    skipped = int(keras.ops.convert_to_numpy(counter.value)) == before.raw_step
+    raw, after, moments = _read(layout, model, counter)
+    skipped = raw == before.raw_step
     results = {}
     for name, variables in layout.groups.items():
         trained = [v for v in variables if id(v) in before.weights]
@@ -234,20 +282,15 @@ def measure(before: Snapshot, model) -> dict[str, dict]:
         delta = weight = grad = 0.0
         has_grad = False
         for v in trained:
-            w0 = before.weights[id(v)]
-            w1 = _copy(v)
+            w0, w1 = before.weights[id(v)], after[id(v)]
             delta += _sq(w1 - w0)
             weight += _sq(w0)
-            m0 = before.moments.get(id(v))
-            if m0 is None:
+            m0, m1 = before.moments.get(id(v)), moments.get(id(v))
+            if m0 is None or m1 is None:
                 continue
-            holder = layout.holders[id(v)]
-            slot = _moment_variable(holder, v)
-            if slot is None:
-                continue
-            m1 = _copy(slot)
             if np.array_equal(m0, m1) and np.array_equal(w0, w1):
                 continue  # not updated (lr_mult 0 now, no gradient): nothing to read
+            holder = layout.holders[id(v)]
             beta = float(getattr(holder, _first_moment(holder)[1]))
             grad += _sq((m1 - beta * m0) / (1.0 - beta))
             has_grad = True

@@ -265,21 +265,27 @@ class UpdateLogger(keras.callbacks.Callback):
 
     # --- measuring -----------------------------------------------------------
 
+    def _bare_model(self):
+        # On JAX `self.model` writes the training state back into every
+        # variable; the measurements read the state itself (`_updates._values`).
+        return self._model if keras.backend.backend() == "jax" else self.model
+
     def _start(self):
-        model = self.model  # on JAX this also brings the weights back to the variables
+        model = self._bare_model()
         key = tuple(id(v) for v in model.trainable_variables)
         layout = self._layout
         if layout is None or layout.trainable_key != key or layout.optimizer is not _updates._unwrap(model.optimizer):
+            model = self.model  # resolving the groups reads the optimizer's values
             layout = self._layout = _updates.build_layout(model, self.groups)
             if not self._warned:
                 _updates.warn_without_gradients(layout)
                 self._warned = True
-        self._pending = _updates.snapshot(layout, model, self._accumulation)
+        self._pending = _updates.snapshot(layout, self._bare_model(), self._accumulation)
         self._raw = self._pending.raw_step  # in step with the optimizer (skipped steps)
 
     def _finish(self):
         before, self._pending = self._pending, None
-        results = _updates.measure(before, self.model)
+        results = _updates.measure(before, self._bare_model())
         row = {"step": before.step}
         for group, result in results.items():
             for metric in _updates.METRICS:
