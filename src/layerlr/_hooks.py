@@ -155,12 +155,31 @@ def install(
          "_update_model_variables_moving_average": inner._update_model_variables_moving_average},
     )
 
+    # Within one step (one `_backend_update_step` call: one trace when
+    # compiled), each distinct multiplier's value and multiplied rate are
+    # computed once and shared by its variables, not once per variable.
+    step_cache: dict | None = None
+
+    def cached(key, compute):
+        if step_cache is None:
+            return compute()
+        if key not in step_cache:
+            step_cache[key] = compute()
+        return step_cache[key]
+
+    def at_step(multiplier):
+        if isinstance(multiplier, float):
+            return multiplier
+        return cached(("at", id(multiplier)), lambda: _at_step(multiplier, inner))
+
     def effective_decay(index: int):
         base = _base_weight_decay(inner, keras_variables[index])
         decay_mult = decay_mults[index]
         if base is None or (isinstance(decay_mult, float) and decay_mult == 0.0):
             return None
-        return base * _at_step(decay_mult, inner)
+        if isinstance(decay_mult, float):
+            return base * decay_mult
+        return cached(("wd", base, id(decay_mult)), lambda: base * at_step(decay_mult))
 
     def decay(variable, weight_decay, learning_rate):
         wd = ops.cast(weight_decay, variable.dtype)
@@ -175,13 +194,15 @@ def install(
         if isinstance(lr_mult, float) and lr_mult == 0.0:
             # Leave the variable and its slots untouched (Ftrl divides by lr).
             return None
-        lr_mult = _at_step(lr_mult, inner)
+        key = lr_mult if isinstance(lr_mult, float) else id(lr_mult)
+        lr_mult = at_step(lr_mult)
         gate = (
             contextlib.nullcontext()
             if isinstance(lr_mult, float)
-            else _writes_only_if(inner, ops.greater(lr_mult, 0))
+            else _writes_only_if(inner, cached(("on", key), lambda: ops.greater(lr_mult, 0)))
         )
-        learning_rate = _scaled(learning_rate, lr_mult)
+        source, scaled = cached(("lr", key), lambda: (learning_rate, _scaled(learning_rate, lr_mult)))
+        learning_rate = scaled if source is learning_rate else _scaled(learning_rate, lr_mult)
         with gate:
             weight_decay = effective_decay(index)
             if weight_decay is not None:
@@ -193,16 +214,18 @@ def install(
     inner._apply_weight_decay = lambda variables: None
     fused = originals["_parallel_update_step"] is not None
 
-    if late_state:
-        def backend_update_step(grads, variables, learning_rate):
-            # The fused torch step advances the state per group itself.
-            if not (fused and not _internals.torch_compiling()):
-                advance_late_state(inner, late_state)
+    def backend_update_step(grads, variables, learning_rate):
+        nonlocal step_cache
+        # The fused torch step advances the state itself.
+        if late_state and not (fused and not _internals.torch_compiling()):
+            advance_late_state(inner, late_state)
+        step_cache = {}
+        try:
             return originals["_backend_update_step"](grads, variables, learning_rate)
+        finally:
+            step_cache = None
 
-        inner._backend_update_step = backend_update_step
-    else:
-        inner.__dict__.pop("_backend_update_step", None)
+    inner._backend_update_step = backend_update_step
 
     if any(start_steps):
         inner._update_model_variables_moving_average = functools.partial(
@@ -287,9 +310,10 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
         _, entries, float32 = plan_for(variables)
         if not float32:
             return grouped(grads, variables, learning_rate)
-        iterations = int(ops.convert_to_numpy(inner.iterations))
+        iterations = inner.iterations
+        iterations = int(getattr(iterations, "value", iterations).item())
         # float32 products, as `learning_rate * lr_mult` on a float32 tensor.
-        lr = np.float32(float(learning_rate))
+        lr = np.float32(getattr(learning_rate, "value", learning_rate).item())
         base_decay = inner.weight_decay
         scheduled: dict[int, np.float32] = {}
 

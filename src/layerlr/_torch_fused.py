@@ -59,6 +59,10 @@ def _slots(inner, name, indices):
     return [slots[i].value for i in indices]
 
 
+def _scalar(value, dtype):
+    return torch.tensor(value, dtype=dtype)
+
+
 def _host(tensor) -> np.float32:
     return np.float32(ops.convert_to_numpy(tensor))
 
@@ -68,11 +72,12 @@ def adam(inner, grads, values, indices, rates, starts, iterations, late_state, d
         return
 
     def powers(start):
-        # In torch: its pow and sqrt round differently from numpy's.
-        local_step = ops.cast(iterations - start + 1, dtype)
-        beta_1_power = ops.power(ops.cast(inner.beta_1, dtype), local_step)
-        beta_2_power = ops.power(ops.cast(inner.beta_2, dtype), local_step)
-        return _host(ops.sqrt(1 - beta_2_power)), _host(1 - beta_1_power)
+        # In torch: its pow and sqrt round differently from numpy's. Raw CPU
+        # ops (what Keras' ops.power/ops.sqrt call), without Keras' dispatch.
+        local_step = _scalar(iterations - start + 1, dtype)
+        beta_1_power = torch.pow(_scalar(inner.beta_1, dtype), local_step)
+        beta_2_power = torch.pow(_scalar(inner.beta_2, dtype), local_step)
+        return np.float32(torch.sqrt(1 - beta_2_power).item()), np.float32((1 - beta_1_power).item())
 
     bias = _per_start(starts, powers)
     # Keras: alpha = lr * sqrt(1 - beta_2_power) / (1 - beta_1_power)
@@ -103,8 +108,8 @@ def adamax(inner, grads, values, indices, rates, starts, iterations, late_state,
         return
 
     def correction(start):
-        local_step = ops.cast(iterations - start + 1, dtype)
-        return float(ONE - _host(ops.power(ops.cast(inner.beta_1, dtype), local_step)))
+        local_step = _scalar(iterations - start + 1, dtype)
+        return float(ONE - np.float32(torch.pow(_scalar(inner.beta_1, dtype), local_step).item()))
 
     m_list = _slots(inner, "_m", indices)
     u_list = _slots(inner, "_u", indices)
