@@ -310,10 +310,9 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
         _, entries, float32 = plan_for(variables)
         if not float32:
             return grouped(grads, variables, learning_rate)
-        iterations = inner.iterations
-        iterations = int(getattr(iterations, "value", iterations).item())
+        iterations = int(_item(inner.iterations))
         # float32 products, as `learning_rate * lr_mult` on a float32 tensor.
-        lr = np.float32(getattr(learning_rate, "value", learning_rate).item())
+        lr = np.float32(_item(learning_rate))
         base_decay = inner.weight_decay
         scheduled: dict[int, np.float32] = {}
 
@@ -364,6 +363,12 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
         per_tensor(inner, step_grads, values, indices, rates, starts, iterations, late_state, torch.float32)
 
     return parallel_update_step
+
+
+def _item(value):
+    """A Keras variable's, tensor's or number's value as a Python number (torch)."""
+    value = getattr(value, "value", value)
+    return value.item() if hasattr(value, "item") else value
 
 
 def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_state,
