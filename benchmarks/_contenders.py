@@ -1,4 +1,4 @@
-"""The five ways to train with per-layer rates that the benchmark compares.
+"""The ways to train with per-layer rates that the benchmark compares.
 
 Each contender owns its optimizer(s) and exposes one ``apply(grads, variables)``
 that the backend harness calls inside its compiled training step, so every
@@ -29,6 +29,11 @@ def _group_optimizer(spec: Spec, lr_mult: float, decay_mult: float):
 
 
 class Contender:
+    @staticmethod
+    def available(spec) -> bool:
+        """Whether this contender runs on the current backend for this spec."""
+        return True
+
     key: str = ""
     label: str = ""
     note: str = ""
@@ -177,5 +182,72 @@ class GradientScaling(Plain):
         self.optimizer.apply(grads, variables)
 
 
-CONTENDERS = {c.key: c for c in (Plain, Layerwise, Multi, Split, GradientScaling)}
+class _StateBytes:
+    """What `_variable_bytes` reads from a torch state tensor."""
+
+    def __init__(self, tensor):
+        self.shape = tuple(tensor.shape)
+        self.dtype = str(tensor.dtype).replace("torch.", "")
+
+
+class TorchNative(Contender):
+    """torch.optim.AdamW(foreach=True), one param group per (lr_mult, decay_mult).
+
+    What a PyTorch user writes; torch backend only, Adam/AdamW specs only.
+    Its arithmetic is torch's (bias-corrected epsilon), not Keras', so its
+    weights differ from the reference by about epsilon's effect.
+    """
+
+    key = "torch_native"
+    label = "torch.optim.AdamW(foreach=True), param groups"
+    note = "torch's own Adam arithmetic"
+    # Not weight-checked: torch adds epsilon after the bias correction, so
+    # early steps move differently from Keras' Adam by design.
+    has_rates = False
+
+    @staticmethod
+    def available(spec) -> bool:
+        return keras.backend.backend() == "torch" and spec.optimizer in (
+            keras.optimizers.Adam, keras.optimizers.AdamW)
+
+    def build(self, variables):
+        import torch
+
+        kwargs = self.spec.optimizer_kwargs
+        weight_decay = kwargs.get("weight_decay") or 0.0
+        groups: dict[tuple[float, float], list] = {}
+        for v in variables:
+            groups.setdefault(self.spec.group_of(v.path), []).append(v.value)
+        lr = kwargs["learning_rate"]
+        param_groups = [
+            dict(params=params, lr=float(np.float32(lr) * np.float32(m)), weight_decay=weight_decay * d)
+            for (m, d), params in groups.items()
+        ]
+        probe = self.spec.optimizer(**kwargs)
+        self.params = [v.value for v in variables]
+        self.optimizer = torch.optim.AdamW(
+            param_groups, lr=lr, betas=(probe.beta_1, probe.beta_2), eps=probe.epsilon, foreach=True,
+        )
+
+    def apply(self, grads, variables):
+        for p, g in zip(self.params, grads):
+            if p.grad is not g:
+                p.grad = g
+        self.optimizer.step()
+
+    @property
+    def optimizers(self):
+        return []
+
+    @property
+    def variables(self):
+        return [_StateBytes(t) for state in self.optimizer.state.values() for t in state.values()
+                if hasattr(t, "shape")]
+
+    @property
+    def n_optimizers(self):
+        return 1
+
+
+CONTENDERS = {c.key: c for c in (Plain, Layerwise, Multi, Split, GradientScaling, TorchNative)}
 REFERENCE = "multi"  # what the trained weights are compared against

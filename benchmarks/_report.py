@@ -77,6 +77,13 @@ def targets(result: dict) -> list[dict]:
                         ok = None
                     rows.append(dict(target=target, measured=f"layerlr/Multi {fmt_ratio(ratio)}",
                                      verdict=_verdict(ok), **where))
+            native = model.get("pairs", {}).get("layerlr_vs_torch_native")
+            if model["name"] == MANY_GROUPS_MODEL and native:
+                ratio = native["opt_step"]
+                rows.append(dict(target="optimizer step faster than torch.optim.AdamW(foreach)",
+                                 measured=f"layerlr/torch {fmt_ratio(ratio)}",
+                                 verdict=_verdict(None if ratio is None else ratio["median"] < 1.0),
+                                 **where))
         if deltas:
             values = set(deltas.values())
             ok = len(values) == 1 and 0 <= next(iter(values)) <= MEMORY_CONSTANT_MAX

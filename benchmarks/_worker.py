@@ -114,7 +114,7 @@ def bench_model(name, args, rng, warm_up: bool = True) -> dict:
     variables = spec.model.trainable_variables
     initial = [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
     all_initial = spec.model.get_weights()
-    keys = list(args.contenders)
+    keys = [k for k in args.contenders if _contenders.CONTENDERS[k].available(spec)]
     contenders = {k: _contenders.CONTENDERS[k](spec) for k in keys}
     for c in contenders.values():
         c.build(variables)
@@ -243,6 +243,11 @@ def bench_model(name, args, rng, warm_up: bool = True) -> dict:
             "full_step": paired(full_round["layerlr"], full_round["multi"]),
             "opt_step": paired(opt_round["layerlr"], opt_round["multi"]),
             "first_call": paired(first_call["layerlr"], first_call["multi"]),
+        }
+    if "layerlr" in keys and "torch_native" in keys:
+        result["pairs"]["layerlr_vs_torch_native"] = {
+            "full_step": paired(full_round["layerlr"], full_round["torch_native"]),
+            "opt_step": paired(opt_round["layerlr"], opt_round["torch_native"]),
         }
     return result
 

@@ -42,7 +42,7 @@ CONFIGS = {  # name -> (KERAS_BACKEND, jit_compile flag)
     "torch": ("torch", False),  # eager, as model.fit runs it by default
 }
 MODELS = ["conv", "tfm10", "tfm_pv", "embed"]
-CONTENDERS = ["plain", "layerlr", "multi", "split", "gradscale"]
+CONTENDERS = ["plain", "layerlr", "multi", "split", "gradscale", "torch_native"]  # the last: torch only
 FULL = dict(rounds=20, steps=2, opt_steps=4, compile_rounds=2, resolve_repeats=3)
 QUICK = dict(rounds=3, steps=3, opt_steps=5, compile_rounds=1, resolve_repeats=1)
 

@@ -2,8 +2,10 @@
 
 On torch, Keras swaps nine built-in optimizers for fused versions whose
 `_parallel_update_step` updates all variables with one learning rate and never
-calls `update_step`. layerlr must run that fused step once per multiplier group
-(not once per variable), keep Nadam's once-per-step state advancing once per
+calls `update_step`. layerlr must run the same fused arithmetic once per step
+with a rate per tensor (`_torch_fused`), whatever the groups; where it cannot
+(an instance whose fused step was replaced, as `FusedCallLog` does), once per
+multiplier group, never once per variable. It must keep Nadam's once-per-step state advancing once per
 step, and compile under `jit_compile=True` without recompiling per group or
 per step.
 """
@@ -118,7 +120,7 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(FUSED))
-def test_fused_step_runs_once_per_group_per_step(name):
+def test_replaced_fused_step_runs_once_per_group_per_step(name):
     opt_class, kwargs = FUSED[name]
     kwargs = dict(kwargs, weight_decay=WD)
     inner = opt_class(**kwargs)
@@ -147,11 +149,28 @@ def test_fused_step_runs_once_per_group_per_step(name):
     assert max_diff(model, reference) < 1e-6
 
 
-def test_lr_mult_zero_group_is_left_out_of_the_fused_calls():
+@pytest.mark.parametrize("replaced", [True, False], ids=["grouped", "per_tensor"])
+def test_lr_mult_zero_group_is_left_out_of_the_fused_calls(replaced, monkeypatch):
+    from layerlr import _torch_fused
+
     lr_of_block = {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.5}
     multipliers = functools.partial(hand_multipliers, lr_of_block=lr_of_block)
     inner = keras.optimizers.Adam(0.01, weight_decay=WD)
-    log = FusedCallLog(inner)
+    if replaced:
+        log = FusedCallLog(inner)
+    else:
+        log = FusedCallLog.__new__(FusedCallLog)
+        log.parallel_calls = []
+        adam = _torch_fused.adam
+
+        def counting(inner_, grads, values, *args):
+            step = int(keras.ops.convert_to_numpy(inner_.iterations))
+            paths = frozenset(v.path for v in model.trainable_variables
+                              if any(v.value is t for t in values))
+            log.parallel_calls.append((step, paths, None))
+            return adam(inner_, grads, values, *args)
+
+        monkeypatch.setattr(_torch_fused, "adam", counting)
     model, reference = twin_blocks()
     before = [np.array(w) for w in model.get_weights()]
     opt = layerlr.LayerwiseOptimizer(
@@ -161,6 +180,9 @@ def test_lr_mult_zero_group_is_left_out_of_the_fused_calls():
 
     paths = [v.path for v in model.trainable_variables]
     expected = sorted(map(sorted, hand_groups(paths, multipliers).values()))
+    if not replaced:  # one call for all of them
+        expected = [sorted(set().union(*expected))]
+    assert sorted(log.calls_by_step()) == list(range(STEPS))
     for calls in log.calls_by_step().values():
         assert sorted(map(sorted, (p for p, _ in calls))) == expected
     for v, w0 in zip(model.trainable_variables, before):
@@ -213,6 +235,106 @@ def test_nadam_u_product_advances_when_every_multiplier_is_zero():
     assert float(keras.ops.convert_to_numpy(inner._u_product)) == pytest.approx(
         nadam_u_product(STEPS), rel=1e-6
     )
+
+
+# --- one fused update per step, a rate per tensor --------------------------------
+
+# Ten variables, ten distinct rates (one group each), biases not decayed.
+PER_VARIABLE_LR = {"blk0/kernel": 0.1, "blk0/bias": 0.2, "blk1/kernel": 0.3, "blk1/bias": 0.4,
+                   "blk2/kernel": 0.5, "blk2/bias": 0.6, "blk3/kernel": 0.7, "blk3/bias": 0.8,
+                   "head/kernel": 1.5, "head/bias": 2.0}
+
+
+def per_variable_multipliers(path):
+    key = "/".join(path.split("/")[-2:])
+    return PER_VARIABLE_LR[key], 0.0 if key.endswith("bias") else 1.0
+
+
+class ForeachWrites:
+    """Counts in-place `torch._foreach_add_` calls on a model's variables, per step."""
+
+    def __init__(self, monkeypatch, model, optimizer):
+        import torch
+
+        self.per_step = {}
+        original = torch._foreach_add_
+
+        def counting(targets, *args, **kwargs):
+            mine = {id(v.value) for v in model.trainable_variables}
+            written = sum(id(t) in mine for t in targets)
+            if written:
+                step = int(keras.ops.convert_to_numpy(optimizer.iterations))
+                self.per_step.setdefault(step, []).append(written)
+            return original(targets, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "_foreach_add_", counting)
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_one_fused_update_per_step_whatever_the_groups(name, monkeypatch):
+    from layerlr import _torch_fused
+
+    opt_class, kwargs = FUSED[name]
+    kwargs = dict(kwargs, weight_decay=WD)
+    inner = opt_class(**kwargs)
+    assert type(inner).__module__.startswith("keras.src.backend.torch.optimizers.")
+    step_name = {"adamw": "adam"}.get(name, name)
+    calls = []
+    per_tensor = getattr(_torch_fused, step_name)
+
+    def counting(inner_, grads, values, indices, rates, *args):
+        calls.append((int(keras.ops.convert_to_numpy(inner_.iterations)), len(values), len(set(rates))))
+        return per_tensor(inner_, grads, values, indices, rates, *args)
+
+    monkeypatch.setattr(_torch_fused, step_name, counting)
+    # Keras' own fused step and update_step must not run at all.
+    monkeypatch.setattr(type(inner), "update_step", lambda *a: pytest.fail("update_step called"))
+    original_fused = type(inner)._parallel_update_step
+    fused_calls = []
+    monkeypatch.setattr(type(inner), "_parallel_update_step",
+                        lambda self, *a: fused_calls.append(1) or original_fused(self, *a))
+
+    model, reference = twin_blocks()
+    optimizer = layerlr.LayerwiseOptimizer(
+        inner, lr_mult=[(k, v) for k, v in PER_VARIABLE_LR.items()], decay_mult=DECAY_RULES
+    )
+    writes = ForeachWrites(monkeypatch, model, optimizer)
+    fit(model, optimizer)
+    assert calls == [(step, 10, 10) for step in range(STEPS)]
+    assert not fused_calls
+
+    # As many fused writes to the variables per step as the plain optimizer
+    # makes (not one set per group), each covering every variable.
+    monkeypatch.undo()
+    plain_model = blocks_model()
+    plain = opt_class(**kwargs)
+    plain_writes = ForeachWrites(monkeypatch, plain_model, plain)
+    fit(plain_model, plain)
+    assert writes.per_step == plain_writes.per_step
+    assert all(n == 10 for counts in writes.per_step.values() for n in counts)
+
+    fit(reference, reference_optimizer(opt_class, kwargs, per_variable_multipliers))
+    assert max_diff(model, reference) < 1e-6
+
+
+def test_scheduled_multiplier_at_zero_leaves_variable_and_slots_untouched_in_the_fused_step():
+    # blk0 is held at 0 for the first epoch, then trains at 0.5.
+    blk0_mult = layerlr.schedules.FreezeThenWarmup(4, 0, value=0.5)
+
+    inner = keras.optimizers.Adam(0.01, weight_decay=WD)
+    model = blocks_model()
+    before = [np.array(w) for w in model.get_weights()]
+    optimizer = layerlr.LayerwiseOptimizer(inner, lr_mult=[("blk0", blk0_mult), *LR_RULES[1:]],
+                                           decay_mult=DECAY_RULES)
+    fit(model, optimizer, epochs=1)
+    for v, w0 in zip(model.trainable_variables, before):
+        moved = np.any(keras.ops.convert_to_numpy(v) != w0)
+        assert moved == (not v.path.startswith("blk0/")), v.path
+        if v.path.startswith("blk0/"):
+            assert not np.any(keras.ops.convert_to_numpy(inner._momentums[inner._get_variable_index(v)]))
+    fit(model, optimizer, epochs=1)
+    for v, w0 in zip(model.trainable_variables, before):
+        assert np.any(keras.ops.convert_to_numpy(v) != w0), v.path
 
 
 # --- jit_compile=True (torch.compile) ------------------------------------------

@@ -7,8 +7,9 @@ point all backends reach, so we wrap it on the inner optimizer instance and pass
 it to all variables before the updates, and each update reads only its own
 variable and slots, so applying it just before the variable's own update is
 equivalent). The torch backend swaps nine built-in optimizers for fused
-``torch._foreach`` versions that bypass ``update_step``; for those we wrap
-``_parallel_update_step`` and run it once per group of equal multipliers.
+``torch._foreach`` versions that bypass ``update_step``; for those we replace
+``_parallel_update_step`` by the same fused arithmetic with a learning rate per
+tensor (`_torch_fused`): one fused update per step, whatever the groups.
 
 Gradients are never scaled: Adam-family optimizers are invariant to that.
 
@@ -154,12 +155,31 @@ def install(
          "_update_model_variables_moving_average": inner._update_model_variables_moving_average},
     )
 
+    # Within one step (one `_backend_update_step` call: one trace when
+    # compiled), each distinct multiplier's value and multiplied rate are
+    # computed once and shared by its variables, not once per variable.
+    step_cache: dict | None = None
+
+    def cached(key, compute):
+        if step_cache is None:
+            return compute()
+        if key not in step_cache:
+            step_cache[key] = compute()
+        return step_cache[key]
+
+    def at_step(multiplier):
+        if isinstance(multiplier, float):
+            return multiplier
+        return cached(("at", id(multiplier)), lambda: _at_step(multiplier, inner))
+
     def effective_decay(index: int):
         base = _base_weight_decay(inner, keras_variables[index])
         decay_mult = decay_mults[index]
         if base is None or (isinstance(decay_mult, float) and decay_mult == 0.0):
             return None
-        return base * _at_step(decay_mult, inner)
+        if isinstance(decay_mult, float):
+            return base * decay_mult
+        return cached(("wd", base, id(decay_mult)), lambda: base * at_step(decay_mult))
 
     def decay(variable, weight_decay, learning_rate):
         wd = ops.cast(weight_decay, variable.dtype)
@@ -174,13 +194,15 @@ def install(
         if isinstance(lr_mult, float) and lr_mult == 0.0:
             # Leave the variable and its slots untouched (Ftrl divides by lr).
             return None
-        lr_mult = _at_step(lr_mult, inner)
+        key = lr_mult if isinstance(lr_mult, float) else id(lr_mult)
+        lr_mult = at_step(lr_mult)
         gate = (
             contextlib.nullcontext()
             if isinstance(lr_mult, float)
-            else _writes_only_if(inner, ops.greater(lr_mult, 0))
+            else _writes_only_if(inner, cached(("on", key), lambda: ops.greater(lr_mult, 0)))
         )
-        learning_rate = _scaled(learning_rate, lr_mult)
+        source, scaled = cached(("lr", key), lambda: (learning_rate, _scaled(learning_rate, lr_mult)))
+        learning_rate = scaled if source is learning_rate else _scaled(learning_rate, lr_mult)
         with gate:
             weight_decay = effective_decay(index)
             if weight_decay is not None:
@@ -192,16 +214,18 @@ def install(
     inner._apply_weight_decay = lambda variables: None
     fused = originals["_parallel_update_step"] is not None
 
-    if late_state:
-        def backend_update_step(grads, variables, learning_rate):
-            # The fused torch step advances the state per group itself.
-            if not (fused and not _internals.torch_compiling()):
-                advance_late_state(inner, late_state)
+    def backend_update_step(grads, variables, learning_rate):
+        nonlocal step_cache
+        # The fused torch step advances the state itself.
+        if late_state and not (fused and not _internals.torch_compiling()):
+            advance_late_state(inner, late_state)
+        step_cache = {}
+        try:
             return originals["_backend_update_step"](grads, variables, learning_rate)
+        finally:
+            step_cache = None
 
-        inner._backend_update_step = backend_update_step
-    else:
-        inner.__dict__.pop("_backend_update_step", None)
+    inner._backend_update_step = backend_update_step
 
     if any(start_steps):
         inner._update_model_variables_moving_average = functools.partial(
@@ -211,9 +235,15 @@ def install(
         inner.__dict__.pop("_update_model_variables_moving_average", None)
 
     if fused:
-        inner._parallel_update_step = _grouped_step(
+        grouped = _grouped_step(
             inner, originals["_parallel_update_step"], lr_mults, decay_mults, start_steps,
             late_state, effective_decay, keras_variables,
+        )
+        from layerlr import _torch_fused
+
+        per_tensor = _torch_fused.step_for(inner, originals["_parallel_update_step"])
+        inner._parallel_update_step = grouped if per_tensor is None else _one_fused_step(
+            inner, per_tensor, grouped, lr_mults, decay_mults, start_steps, late_state, keras_variables,
         )
 
 
@@ -234,6 +264,111 @@ def _moving_average_from_own_start(inner, start_steps, trainable_variables) -> N
         average.assign(
             ops.add(ops.multiply(momentum, average), ops.multiply(ops.subtract(1, momentum), variable))
         )
+
+
+def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_steps, late_state,
+                    keras_variables):
+    """Torch fused optimizers: one fused update for all variables, a rate per tensor.
+
+    ``per_tensor`` is the optimizer's step from `_torch_fused`. Its per-tensor
+    rates and decay factors are computed on the host, once per distinct
+    multiplier (and decay) per step. ``grouped`` (one fused call per group)
+    takes over under torch.compile and for non-float32 variables, whose
+    host arithmetic would have to mimic another dtype.
+    """
+    import numpy as np
+    import torch
+
+    from layerlr import _torch_fused
+
+    plans: dict[tuple, tuple] = {}
+
+    def plan_for(variables):
+        key = tuple(map(id, variables))
+        plan = plans.get(key)
+        if plan is None:
+            entries = []
+            for position, variable in enumerate(variables):
+                index = inner._get_variable_index(variable)
+                lr_mult = lr_mults[index]
+                if isinstance(lr_mult, float) and lr_mult == 0.0:
+                    continue  # untouched, slots included
+                decay_mult = decay_mults[index]
+                decays = not (isinstance(decay_mult, float) and decay_mult == 0.0) and (
+                    inner._use_weight_decay(keras_variables[index]))
+                entries.append((position, index, lr_mult, decay_mult if decays else None, start_steps[index]))
+            float32 = all(str(v.dtype) == "float32" for v in variables)
+            if len(plans) >= 16:
+                plans.clear()
+            # Holding the variables keeps their ids from being reused.
+            plan = plans[key] = (tuple(variables), tuple(entries), float32)
+        return plan
+
+    def parallel_update_step(grads, variables, learning_rate):
+        if torch.compiler.is_compiling():
+            return grouped(grads, variables, learning_rate)
+        _, entries, float32 = plan_for(variables)
+        if not float32:
+            return grouped(grads, variables, learning_rate)
+        iterations = int(_item(inner.iterations))
+        # float32 products, as `learning_rate * lr_mult` on a float32 tensor.
+        lr = np.float32(_item(learning_rate))
+        base_decay = inner.weight_decay
+        scheduled: dict[int, np.float32] = {}
+
+        def now(schedule):
+            value = scheduled.get(id(schedule))
+            if value is None:
+                value = scheduled[id(schedule)] = np.float32(ops.convert_to_numpy(schedule(inner.iterations)))
+            return value
+
+        rate_of: dict = {}
+        factor_of: dict = {}
+        step_grads, values, indices, rates, starts = [], [], [], [], []
+        decayed, factors = [], []
+        for position, index, lr_mult, decay_mult, start in entries:
+            if isinstance(lr_mult, float):
+                key = (True, lr_mult)
+                rate = rate_of.get(key)
+                if rate is None:
+                    rate = rate_of[key] = lr if lr_mult == 1.0 else lr * np.float32(lr_mult)
+            else:
+                key = (False, id(lr_mult))
+                multiplier = now(lr_mult)
+                if multiplier == 0.0:
+                    # A scheduled 0 skips the variable on the host, like a constant 0.
+                    continue
+                rate = rate_of.get(key)
+                if rate is None:
+                    rate = rate_of[key] = lr * multiplier
+            value = variables[position].value
+            if decay_mult is not None and base_decay is not None:
+                decay_key = (key, decay_mult if isinstance(decay_mult, float) else id(decay_mult))
+                factor = factor_of.get(decay_key)
+                if factor is None:
+                    if isinstance(decay_mult, float):
+                        weight_decay = np.float32(base_decay * decay_mult)
+                    else:
+                        weight_decay = np.float32(base_decay) * now(decay_mult)
+                    factor = factor_of[decay_key] = float(_torch_fused.ONE - weight_decay * rate)
+                decayed.append(value)
+                factors.append(factor)
+            step_grads.append(grads[position])
+            values.append(value)
+            indices.append(index)
+            rates.append(rate)
+            starts.append(start)
+        if decayed:
+            torch._foreach_mul_(decayed, factors)
+        per_tensor(inner, step_grads, values, indices, rates, starts, iterations, late_state, torch.float32)
+
+    return parallel_update_step
+
+
+def _item(value):
+    """A Keras variable's, tensor's or number's value as a Python number (torch)."""
+    value = getattr(value, "value", value)
+    return value.item() if hasattr(value, "item") else value
 
 
 def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_state,
