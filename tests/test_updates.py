@@ -199,15 +199,16 @@ def test_multi_optimizer_groups_are_its_sub_optimizers():
     with pytest.warns(UserWarning, match="SGD keeps none"):
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[logger, recorder])
     groups = {k.split("/", 1)[1] for k in logger.history if k.startswith("update_ratio/")}
-    assert groups == {"sgd", "layerwise_optimizer/d2", "layerwise_optimizer/default"}
-    layers = {"sgd": ["d1"], "layerwise_optimizer/d2": ["d2"], "layerwise_optimizer/default": ["ln", "head"]}
+    # The wrapper is named after the optimizer it wraps.
+    assert groups == {"sgd", "adam/d2", "adam/default"}
+    layers = {"sgd": ["d1"], "adam/d2": ["d2"], "adam/default": ["ln", "head"]}
     for step in range(2):
         before, after = recorder.step(step)
         for group, members in layers.items():
             ratio, _, _ = group_numbers(before, after, None, members)
             assert logger.history[f"update_ratio/{group}"][step] == pytest.approx(ratio, rel=1e-6)
     assert np.isnan(logger.history["grad_norm/sgd"]).all()
-    assert all(g > 0 for g in logger.history["grad_norm/layerwise_optimizer/d2"])
+    assert all(g > 0 for g in logger.history["grad_norm/adam/d2"])
 
 
 def test_mixed_precision_reads_the_unscaled_gradient():

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras.src.saving.keras_saveable import KerasSaveable
 
 __all__ = ["INTERNALS", "CHECKED_WITH", "Internal", "KerasInternalsChanged", "KerasSaveable", "check"]
@@ -306,11 +307,17 @@ def _check_mixed_precision_compile():
         keras.mixed_precision.set_global_policy(previous)
 
 
+# The per-tensor foreach ops of layerlr's fused torch steps (_torch_fused, _hooks).
+_TORCH_FOREACH = ("_foreach_abs", "_foreach_add", "_foreach_add_", "_foreach_div", "_foreach_maximum_",
+                  "_foreach_mul", "_foreach_mul_", "_foreach_sqrt", "_foreach_sqrt_")
+
+
 def _check_torch_fused():
     import torch
     from keras.src.backend.torch.optimizers.torch_parallel_optimizer import TorchParallelOptimizer
 
-    _expect(callable(getattr(torch, "_foreach_mul_", None)), "torch._foreach_mul_ is gone")
+    for name in _TORCH_FOREACH:
+        _expect(callable(getattr(torch, name, None)), f"torch.{name} is gone")
     opt = keras.optimizers.Adam()
     _expect(isinstance(opt, TorchParallelOptimizer), "torch no longer swaps Adam for its fused version")
     _expect(_params(type(opt)._parallel_update_step) == ["grads", "variables", "learning_rate"],
@@ -361,6 +368,43 @@ def _check_jax_tracer():
 
     _expect(isinstance(jax.core.Tracer, type), "jax.core.Tracer is gone")
 
+
+
+def _check_moving_average():
+    base = _base()
+    _expect(_params(base._update_model_variables_moving_average) == ["trainable_variables"],
+            "_update_model_variables_moving_average(trainable_variables) changed signature")
+    source = _source(base._update_model_variables_moving_average)
+    _expect("self.iterations" in source and "_model_variables_moving_average" in source,
+            "the EMA update no longer reads self.iterations for its first step")
+    _expect("self._update_model_variables_moving_average(" in _source(base._backend_apply_gradients),
+            "_backend_apply_gradients no longer updates the EMA through the instance method")
+
+
+def _check_first_moments():
+    var = keras.Variable(np.zeros((2,), "float32"))
+    for cls, name in ((keras.optimizers.Adam, "_momentums"), (keras.optimizers.Lion, "_momentums"),
+                      (keras.optimizers.Nadam, "_momentums"), (keras.optimizers.Lamb, "_momentums"),
+                      (keras.optimizers.Adamax, "_m")):
+        opt = cls()
+        opt.build([var])
+        _expect(len(getattr(opt, name, ())) == 1, f"{cls.__name__} keeps its first moments no longer in `{name}`")
+
+
+def _check_jax_trainer_state():
+    if keras.backend.backend() != "jax":
+        return
+    from keras.src.backend.jax.trainer import JAXTrainer
+
+    source = _source(JAXTrainer.fit)
+    _expect("_jax_state" in source and "_jax_state_synced" in source,
+            "the JAX trainer no longer keeps the training state in _jax_state / _jax_state_synced")
+
+
+def _check_callback_model():
+    _expect(isinstance(inspect.getattr_static(keras.callbacks.Callback, "model"), property),
+            "Callback.model is no longer a property (over `_model`)")
+    _expect("_model" in _source(keras.callbacks.Callback.set_model), "Callback.set_model no longer sets `_model`")
 
 INTERNALS: tuple[Internal, ...] = (
     Internal(
@@ -424,6 +468,35 @@ INTERNALS: tuple[Internal, ...] = (
         "_optimizer (loss_scale_factor setter), _unfreezing, _summary (unwrapping one level)",
         "tests/test_training.py::test_mixed_float16_wraps_us_in_loss_scaling_and_trains_correctly, tests/test_numerics.py",
         _check_loss_scale_optimizer,
+    ),
+    Internal(
+        "BaseOptimizer._update_model_variables_moving_average",
+        ("_update_model_variables_moving_average",),
+        "_hooks (a late-starting variable's average starts at its own first step)",
+        "tests/test_late_start.py::test_ema_average_of_a_late_variable_starts_at_its_own_first_step",
+        _check_moving_average,
+    ),
+    Internal(
+        "first-moment slots: Adam/Nadam/Lamb/Lion `_momentums`, Adamax `_m`",
+        ("_momentums", "_m"),
+        "_updates (UpdateLogger reads the gradient back from the first moment)",
+        "tests/test_updates.py",
+        _check_first_moments,
+    ),
+    Internal(
+        "JAXTrainer._jax_state / _jax_state_synced",
+        ("_jax_state", "_jax_state_synced"),
+        "_updates (UpdateLogger reads the training state on JAX without a sync)",
+        "tests/test_updates.py",
+        _check_jax_trainer_state,
+        ("jax",),
+    ),
+    Internal(
+        "Callback._model (the model without the JAX state sync of Callback.model)",
+        ("_model",),
+        "callbacks.UpdateLogger",
+        "tests/test_updates.py",
+        _check_callback_model,
     ),
     Internal(
         "Nadam._u_product / Nadam._backend_update_step",
@@ -491,8 +564,8 @@ INTERNALS: tuple[Internal, ...] = (
         _check_mixed_precision_compile,
     ),
     Internal(
-        "torch: TorchParallelOptimizer._parallel_update_step (fused built-ins), torch._foreach_mul_",
-        ("_parallel_update_step", "_foreach_mul_"),
+        "torch: TorchParallelOptimizer._parallel_update_step (fused built-ins), torch._foreach_* ops",
+        ("_parallel_update_step", *_TORCH_FOREACH),
         "_hooks._grouped_step",
         "tests/test_torch_backend.py",
         _check_torch_fused,
