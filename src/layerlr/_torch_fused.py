@@ -59,6 +59,17 @@ def _slots(inner, name, indices):
     return [slots[i].value for i in indices]
 
 
+
+def _adam_moments(inner, indices, grads):
+    """Adam's and Nadam's moment updates, as Keras' fused steps write them."""
+    m_list = _slots(inner, "_momentums", indices)
+    v_list = _slots(inner, "_velocities", indices)
+    torch._foreach_mul_(m_list, inner.beta_1)
+    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_1)
+    torch._foreach_mul_(v_list, inner.beta_2)
+    torch._foreach_add_(v_list, torch._foreach_mul(grads, grads), alpha=1 - inner.beta_2)
+    return m_list, v_list
+
 def _scalar(value, dtype):
     return torch.tensor(value, dtype=dtype)
 
@@ -83,12 +94,7 @@ def adam(inner, grads, values, indices, rates, starts, iterations, late_state, d
     # Keras: alpha = lr * sqrt(1 - beta_2_power) / (1 - beta_1_power)
     alphas = _floats((rate * root) / denominator for rate, (root, denominator) in zip(rates, bias))
 
-    m_list = _slots(inner, "_momentums", indices)
-    v_list = _slots(inner, "_velocities", indices)
-    torch._foreach_mul_(m_list, inner.beta_1)
-    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_1)
-    torch._foreach_mul_(v_list, inner.beta_2)
-    torch._foreach_add_(v_list, torch._foreach_mul(grads, grads), alpha=1 - inner.beta_2)
+    m_list, v_list = _adam_moments(inner, indices, grads)
     if inner.amsgrad:
         v_hat_list = _slots(inner, "_velocity_hats", indices)
         torch._foreach_maximum_(v_hat_list, v_list)
@@ -160,12 +166,7 @@ def nadam(inner, grads, values, indices, rates, starts, iterations, late_state, 
         list(column) for column in zip(*(scalars[s] for s in starts))
     )
 
-    m_list = _slots(inner, "_momentums", indices)
-    v_list = _slots(inner, "_velocities", indices)
-    torch._foreach_mul_(m_list, inner.beta_1)
-    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_1)
-    torch._foreach_mul_(v_list, inner.beta_2)
-    torch._foreach_add_(v_list, torch._foreach_mul(grads, grads), alpha=1 - inner.beta_2)
+    m_list, v_list = _adam_moments(inner, indices, grads)
     m_hat_list = torch._foreach_add(
         torch._foreach_div(torch._foreach_mul(m_list, u_t_1), one_minus_product_1),
         torch._foreach_div(torch._foreach_mul(grads, one_minus_u_t), one_minus_product),
