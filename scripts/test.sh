@@ -6,9 +6,9 @@
 #   FULL=1 bash scripts/test.sh                 # every file on every backend, slow tests too
 #   BACKENDS=jax bash scripts/test.sh -k saving # extra args go to pytest
 # Then Keras' own optimizer tests through the wrapper: all of them on
-# TensorFlow (tests/test_keras_suite.py), all on torch and a slice on JAX here
-# (scripts/keras_suite.sh runs all of them everywhere; skipped with extra args
-# or KERAS_SUITE=0).
+# TensorFlow (tests/test_keras_suite.py), a slice on JAX and torch here (all
+# with FULL=1; scripts/keras_suite.sh runs all of them everywhere; skipped
+# with extra args or KERAS_SUITE=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,7 +55,8 @@ if [ $# -eq 0 ] && [ "${KERAS_SUITE:-1}" != 0 ]; then
             tensorflow) [ -n "${FULL:-}" ] || continue; files=$all ;;
             jax) files=${FULL:+$all}
                  files=${files:-"optimizers/sgd_test.py optimizers/adam_test.py optimizers/loss_scale_optimizer_test.py"} ;;
-            *) files=$all ;;
+            *) files=${FULL:+$all}
+               files=${files:-"optimizers/sgd_test.py optimizers/adam_test.py optimizers/nadam_test.py optimizers/lamb_test.py optimizers/loss_scale_optimizer_test.py"} ;;
         esac
         echo "=== Keras' optimizer tests through LayerwiseOptimizer, KERAS_BACKEND=$backend"
         PYTHON=.venv/bin/python BACKENDS=$backend FILES="$files" bash scripts/keras_suite.sh || status=1
