@@ -271,3 +271,23 @@ def test_mirrored_strategy_with_two_replicas(name, tmp_path):
     distributed, facts = _procs.run_one(job, _procs.worker_env("tensorflow"), 240)
     assert facts["replicas"] == 2
     assert relative_error(initial, distributed, reference(name, initial)) < 1e-4
+
+
+def test_a_schedule_at_zero_without_start_step_is_refused_naming_it():
+    model = make_model()
+    at_zero = keras.optimizers.schedules.PolynomialDecay(0.0, 10, end_learning_rate=1.0)
+    opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(0.01), lr_mult={"backbone": at_zero})
+    with pytest.raises(ValueError, match=r"'net/backbone/kernel' is 0 at step 0, and Adam counts steps") as info:
+        opt.build(model)
+    assert "start_step" in str(info.value)
+
+
+def test_a_saved_path_that_could_be_two_variables_is_refused_naming_both():
+    from types import SimpleNamespace
+
+    from layerlr._saving import match_saved
+
+    enc, dec = SimpleNamespace(path="enc/d/kernel"), SimpleNamespace(path="dec/d/kernel")
+    result = match_saved(["d/kernel"], [enc, dec], [])
+    assert isinstance(result, str)
+    assert "'enc/d/kernel'" in result and "'dec/d/kernel'" in result
