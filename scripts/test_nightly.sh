@@ -3,8 +3,8 @@
 # keras-nightly goes into its own --target folder (.nightly/, the .venv keeps
 # its keras), prepended on PYTHONPATH; TF, JAX and torch come from .venv. Then,
 # on each backend:
-#   1. python -m layerlr._keras_internals: every private Keras internal layerlr
-#      relies on, checked by name (src/layerlr/_keras_internals.py);
+#   1. python -m layerlr.core._keras_internals: every private Keras internal layerlr
+#      relies on, checked by name (src/layerlr/core/_keras_internals.py);
 #   2. the backend-sensitive tests (numerics, saving, hooks; not in QUICK=1 mode);
 #   3. Keras' own optimizer tests through the wrapper (scripts/keras_suite.sh).
 #      keras-nightly ships no test files, so these are the released keras' (in
@@ -48,7 +48,7 @@ BACKEND_SENSITIVE="tests/test_keras_internals.py tests/test_drop_in.py tests/tes
 status=0
 for backend in ${BACKENDS:-tensorflow jax torch}; do
     echo "=== KERAS_BACKEND=$backend: private internals"
-    KERAS_BACKEND=$backend "$PYTHON" -m layerlr._keras_internals || status=1
+    KERAS_BACKEND=$backend "$PYTHON" -m layerlr.core._keras_internals || status=1
     if [ -z "${QUICK:-}" ]; then
         echo "=== KERAS_BACKEND=$backend: backend-sensitive tests"
         read -r -a targets <<< "$(echo $BACKEND_SENSITIVE)"

@@ -7,10 +7,10 @@ from pathlib import Path
 import keras
 import pytest
 
-from layerlr import _keras_internals
-from layerlr._keras_internals import INTERNALS, KerasInternalsChanged, check
+from layerlr.core import _keras_internals
+from layerlr.core._keras_internals import INTERNALS, KerasInternalsChanged, check
 
-SRC = Path(_keras_internals.__file__).resolve().parent
+SRC = Path(_keras_internals.__file__).resolve().parents[1]  # the package
 
 
 def test_every_internal_still_has_the_shape_we_rely_on():
@@ -34,7 +34,7 @@ def test_a_changed_internal_is_reported_by_name(monkeypatch):
 def _own_names() -> set[str]:
     """Private names layerlr itself defines (its own functions, classes, attributes)."""
     names = set()
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
@@ -53,7 +53,7 @@ def _private_uses() -> dict[str, set[str]]:
     """Private attribute names layerlr's code reads, and where."""
     private = re.compile(r"_[a-z]\w*")
     uses: dict[str, set[str]] = {}
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         if path.name == "_keras_internals.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
@@ -86,9 +86,9 @@ def test_every_private_keras_name_layerlr_touches_is_in_the_inventory():
 
 
 def test_every_keras_src_import_is_in_the_inventory():
-    inventory = (SRC / "_keras_internals.py").read_text()
+    inventory = (SRC / "core" / "_keras_internals.py").read_text()
     used = set()
-    for path in SRC.glob("*.py"):
+    for path in SRC.rglob("*.py"):
         used |= set(re.findall(r"keras\.src(?:\.\w+)+", path.read_text()))
     missing = sorted(m for m in used if m not in inventory)
     assert not missing, f"keras.src modules used but not checked in _keras_internals: {missing}"

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerlr import _rules
-from layerlr._backend import layers_of_model
+from layerlr.core import _rules
+from layerlr.core._keras import layers_of_model
 
 
 class ScaledDense(keras.layers.Dense):

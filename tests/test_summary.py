@@ -14,7 +14,7 @@ import pytest
 import keras
 
 import layerlr
-from layerlr._summary import layers_in_depth_order, print_summary
+from layerlr.report._summary import layers_in_depth_order, print_summary
 from layerlr.callbacks import LearningRateLogger
 
 F32 = lambda x: float(np.float32(x))  # noqa: E731  (rates are float32 variables)

@@ -151,7 +151,7 @@ def test_replaced_fused_step_runs_once_per_group_per_step(name):
 
 @pytest.mark.parametrize("replaced", [True, False], ids=["grouped", "per_tensor"])
 def test_lr_mult_zero_group_is_left_out_of_the_fused_calls(replaced, monkeypatch):
-    from layerlr import _torch_fused
+    from layerlr.core import _torch_fused
 
     lr_of_block = {0: 0.0, 1: 0.1, 2: 0.5, 3: 0.5}
     multipliers = functools.partial(hand_multipliers, lr_of_block=lr_of_block)
@@ -272,7 +272,7 @@ class ForeachWrites:
 
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_one_fused_update_per_step_whatever_the_groups(name, monkeypatch):
-    from layerlr import _torch_fused
+    from layerlr.core import _torch_fused
 
     opt_class, kwargs = FUSED[name]
     kwargs = dict(kwargs, weight_decay=WD)

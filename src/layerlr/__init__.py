@@ -9,14 +9,23 @@ The core is `LayerwiseOptimizer`; the rest builds rules for it (`layer_decay`,
 shows what it does (`summary`, `summary_records`, `plot`, the `layerlr` command).
 """
 
-from layerlr import callbacks, plot, schedules
-from layerlr._caffe import from_caffe
-from layerlr._compat_v1 import compat_v1_minimize
-from layerlr._multi import multi_optimizer
-from layerlr._optimizer import LayerwiseOptimizer, VariableMultipliers
-from layerlr._presets import layer_decay, lora_plus, no_decay, spread
-from layerlr._summary import summary, summary_records
-from layerlr._unfreezing import GradualUnfreezing
+import sys as _sys
+
+from layerlr.core._optimizer import LayerwiseOptimizer, VariableMultipliers
+from layerlr.interop._caffe import from_caffe
+from layerlr.interop._compat_v1 import compat_v1_minimize
+from layerlr.interop._multi import multi_optimizer
+from layerlr.presets import schedules
+from layerlr.presets._presets import layer_decay, lora_plus, no_decay, spread
+from layerlr.presets._unfreezing import GradualUnfreezing
+from layerlr.report import callbacks, plot
+from layerlr.report._summary import summary, summary_records
+
+# The public module paths (`import layerlr.plot`, `from layerlr.callbacks
+# import ...`) name the modules where they live.
+for _module in (callbacks, plot, schedules):
+    _sys.modules[f"layerlr.{_module.__name__.rsplit('.', 1)[-1]}"] = _module
+del _module
 
 __all__ = [
     "GradualUnfreezing",

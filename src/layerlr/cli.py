@@ -41,7 +41,7 @@ import sys
 
 import keras
 
-from layerlr import _summary
+from layerlr.report import _summary
 from layerlr_cli import main
 
 __all__ = ["main"]

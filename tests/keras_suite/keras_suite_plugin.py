@@ -38,7 +38,7 @@ import keras
 import pytest
 
 import layerlr
-from layerlr import _optimizer as _layerlr_optimizer
+from layerlr.core import _optimizer as _layerlr_optimizer
 
 sys.path.insert(0, os.path.dirname(__file__))
 from allowlist import ALLOWED  # noqa: E402

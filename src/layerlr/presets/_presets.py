@@ -16,7 +16,8 @@ from typing import Any
 
 import keras
 
-from layerlr import _depth, _rules
+from layerlr.core import _rules
+from layerlr.presets import _depth
 
 Rules = list[tuple[Any, float]]
 
@@ -300,7 +301,7 @@ def lora_plus(model: keras.Layer, ratio: float = 16.0, *, base: Rules | None = N
         return [("lora_kernel_b", ratio)]
     rules = _rules.parse_rules(base, "base")
     variables = [a for _, a, _ in adapters]
-    from layerlr._backend import layers_of_model
+    from layerlr.core._keras import layers_of_model
 
     owners = layers_of_model(model)
     found = _rules.resolve(

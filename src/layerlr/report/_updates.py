@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from layerlr import _summary
-from layerlr._optimizer import LayerwiseOptimizer
+from layerlr.report import _summary
+from layerlr.core._optimizer import LayerwiseOptimizer
 
 TRAINED = "trained"
 FROZEN = "frozen"

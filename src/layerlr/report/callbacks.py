@@ -17,8 +17,8 @@ import numbers
 
 import keras
 
-from layerlr import _summary, _updates
-from layerlr._unfreezing import GradualUnfreezing
+from layerlr.report import _summary, _updates
+from layerlr.presets._unfreezing import GradualUnfreezing
 
 __all__ = ["GradualUnfreezing", "LearningRateLogger", "UpdateLogger"]
 

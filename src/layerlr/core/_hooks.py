@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from layerlr import _backend as _internals
-from layerlr._rules import Multiplier
+from layerlr.core import _keras as _internals
+from layerlr.core._rules import Multiplier
 
 def _base_weight_decay(inner, variable):
     """The weight decay Keras would apply to ``variable``, or None."""
@@ -239,7 +239,7 @@ def install(
             inner, originals["_parallel_update_step"], lr_mults, decay_mults, start_steps,
             late_state, effective_decay, keras_variables,
         )
-        from layerlr import _torch_fused
+        from layerlr.core import _torch_fused
 
         per_tensor = _torch_fused.step_for(inner, originals["_parallel_update_step"])
         inner._parallel_update_step = grouped if per_tensor is None else _one_fused_step(
@@ -279,7 +279,7 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
     import numpy as np
     import torch
 
-    from layerlr import _torch_fused
+    from layerlr.core import _torch_fused
 
     plans: dict[tuple, tuple] = {}
 

@@ -20,10 +20,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from layerlr import _hooks, _rules
-from layerlr._backend import layers_of_model
-from layerlr._optimizer import LayerwiseOptimizer, VariableMultipliers
-from layerlr._rules import Multiplier
+from layerlr.core import _hooks, _rules
+from layerlr.core._keras import layers_of_model
+from layerlr.core._optimizer import LayerwiseOptimizer, VariableMultipliers
+from layerlr.core._rules import Multiplier
 
 TRAINED = "trained"
 FROZEN = "frozen"
@@ -611,7 +611,7 @@ def print_summary(
     order and frozen layers are not shown.
 
     >>> import keras, layerlr
-    >>> from layerlr._summary import print_summary
+    >>> from layerlr.report._summary import print_summary
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")], name="net")
     >>> opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1), lr_mult={"*bias": 0.5})
     >>> opt.build(model)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import keras
 
-from layerlr._backend import ONCE_PER_STEP_STATE
+from layerlr.core._keras import ONCE_PER_STEP_STATE
 
 # Lists that hold variables but are not per-variable optimizer state.
 _NOT_STATE = ("_variables", "_trainable_variables")

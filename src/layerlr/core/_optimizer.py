@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from layerlr import _hooks, _rules, _state
-from layerlr._backend import (
+from layerlr.core import _hooks, _rules, _state
+from layerlr.core._keras import (
     cannot_create_state,
     counts_steps,
     current_step,
@@ -33,8 +33,8 @@ from layerlr._backend import (
     tracking_off,
     tracking_on,
 )
-from layerlr._saving import match_saved
-from layerlr._rules import Multiplier, RuleSpec
+from layerlr.core._saving import match_saved
+from layerlr.core._rules import Multiplier, RuleSpec
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def _read_through(name: str) -> property:
 
 def _holds_saveables(obj) -> bool:
     """True when ``obj`` has Keras-saveable children (layers, optimizers, ...)."""
-    from layerlr._keras_internals import KerasSaveable
+    from layerlr.core._keras_internals import KerasSaveable
 
     for value in vars(obj).values():
         if isinstance(value, Mapping):
@@ -588,7 +588,7 @@ class LayerwiseOptimizer(_Wrapper):
         >>> lines[-1]
         'Trainable: 8 params in 2 variables.'
         """
-        from layerlr._summary import print_summary  # _summary imports this module
+        from layerlr.report._summary import print_summary  # _summary imports this module
 
         print_summary(self, model, width=width, print_fn=print_fn)
 

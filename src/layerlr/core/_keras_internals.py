@@ -5,7 +5,7 @@ uses it, why, and which of our tests catches a change in behaviour; its
 ``check`` verifies it still exists with the shape we rely on. ``check()`` runs
 them all and raises `KerasInternalsChanged` naming every internal that moved,
 so a Keras upgrade shows up as a red check that names the internal, not as
-silently wrong training. Run it with ``python -m layerlr._keras_internals``
+silently wrong training. Run it with ``python -m layerlr.core._keras_internals``
 (``scripts/test_nightly.sh`` does, against the newest ``keras-nightly``).
 
 The call sites stay where they are (``_hooks``, ``_state``, ``_backend``,
@@ -105,7 +105,7 @@ def _check_own_variables():
 
 def _check_wrapper_state():
     # Our wrapper relies on the three internals above to keep no state of its own.
-    from layerlr import LayerwiseOptimizer
+    from layerlr.core._optimizer import LayerwiseOptimizer
 
     inner = keras.optimizers.SGD(0.1, use_ema=True, gradient_accumulation_steps=2, weight_decay=0.1)
     opt = LayerwiseOptimizer(inner)
@@ -207,7 +207,7 @@ def _check_deserialize():
 def _check_saving_walk():
     from keras.src.saving import saving_lib
 
-    from layerlr import LayerwiseOptimizer
+    from layerlr.core._optimizer import LayerwiseOptimizer
 
     _expect(isinstance(keras.optimizers.SGD(), KerasSaveable), "optimizers are no longer KerasSaveable")
     opt = LayerwiseOptimizer(keras.optimizers.SGD())
@@ -263,8 +263,8 @@ def _check_layers():
 def _check_call_stack():
     # find_model: the trainer builds the optimizer from a model method (`self`);
     # callbacks._callback_list_of: a CallbackList calls each callback method.
-    from layerlr import LayerwiseOptimizer
-    from layerlr._backend import find_model
+    from layerlr.core._optimizer import LayerwiseOptimizer
+    from layerlr.core._keras import find_model
 
     found = {}
 
@@ -292,7 +292,7 @@ def _check_call_stack():
 
 
 def _check_mixed_precision_compile():
-    from layerlr import LayerwiseOptimizer
+    from layerlr.core._optimizer import LayerwiseOptimizer
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -354,7 +354,7 @@ def _check_multi_optimizer():
 def _check_tf_checkpoint():
     import tensorflow as tf
 
-    from layerlr import LayerwiseOptimizer
+    from layerlr.core._optimizer import LayerwiseOptimizer
 
     opt = LayerwiseOptimizer(keras.optimizers.SGD())
     opt.build(_variables())

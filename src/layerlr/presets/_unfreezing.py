@@ -7,7 +7,7 @@ from typing import Union
 
 import keras
 
-from layerlr._optimizer import LayerwiseOptimizer
+from layerlr.core._optimizer import LayerwiseOptimizer
 
 LayerGroup = Union[keras.Layer, Sequence[keras.Layer]]
 

@@ -23,9 +23,9 @@ from typing import Any, Union
 
 import keras
 
-from layerlr import _rules
-from layerlr._backend import find_model, layers_of_model, tracking_on
-from layerlr._saving import first_path_mismatch
+from layerlr.core import _rules
+from layerlr.core._keras import find_model, layers_of_model, tracking_on
+from layerlr.core._saving import first_path_mismatch
 
 GroupSpec = Union[
     Mapping[Any, keras.optimizers.Optimizer],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from layerlr._rules import same_variable_path, variable_path
+from layerlr.core._rules import same_variable_path, variable_path
 
 
 def match_saved(saved_paths: Sequence[str], trainable, frozen, path_of=variable_path) -> list | str:

@@ -23,8 +23,8 @@ from typing import Any
 
 import keras
 
-from layerlr import _rules
-from layerlr._rules import RuleSpec
+from layerlr.core import _rules
+from layerlr.core._rules import RuleSpec
 
 
 class _GraphVariable:

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from layerlr import _summary
+from layerlr.report import _summary
 
 __all__ = ["history", "learning_rates", "schedule", "update_ratios"]
 

@@ -1,0 +1,13 @@
+"""Core: what gets which multiplier, and how the optimizer applies it.
+
+- `_rules`: selectors and rules, and resolving them over variables.
+- `_optimizer`: `LayerwiseOptimizer`, the wrapper users compile with; its
+  ``resolve()`` is the public view of the per-variable assignment.
+- `_hooks`, `_torch_fused`: the hook installed on the inner optimizer.
+- `_state`: growing the inner optimizer's state for variables that join late.
+- `_saving`: matching saved per-variable settings back to a model.
+- `_keras`: every access to private Keras and backend internals;
+  `_keras_internals` checks each of them against the installed Keras.
+
+Nothing here imports from `presets`, `interop` or `report`.
+"""
