@@ -37,6 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import layerlr  # noqa: E402
+from layerlr.core._resolution import multipliers_of  # noqa: E402
 from benchmarks._report import RESOLVE_MAX_S  # noqa: E402
 
 LAYERS = ("conv", "bn", "proj", "attn", "mlp_in", "mlp_out", "norm", "gate", "embed", "head")
@@ -201,7 +202,8 @@ def _time_resolution(make_optimizer, variables, model, repeats: int) -> tuple[li
     for _ in range(repeats):
         opt = make_optimizer()  # selectors may cache answers: a new optimizer every time
         start = time.perf_counter()
-        entries = opt._resolve_rules(variables, model)
+        # What build() runs; the public `opt.resolve(model)` adds the rates now.
+        entries = multipliers_of(opt.lr_rules, opt.decay_rules, variables, model)
         runs.append(time.perf_counter() - start)
     return runs, entries
 

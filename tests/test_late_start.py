@@ -285,7 +285,7 @@ def test_a_schedule_at_zero_without_start_step_is_refused_naming_it():
 def test_a_saved_path_that_could_be_two_variables_is_refused_naming_both():
     from types import SimpleNamespace
 
-    from layerlr.core._saving import match_saved
+    from layerlr.core._resolution import match_saved
 
     enc, dec = SimpleNamespace(path="enc/d/kernel"), SimpleNamespace(path="dec/d/kernel")
     result = match_saved(["d/kernel"], [enc, dec], [])

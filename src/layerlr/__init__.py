@@ -6,12 +6,13 @@
 The core is `LayerwiseOptimizer`; the rest builds rules for it (`layer_decay`,
 `spread`, `no_decay`, `lora_plus`, `schedules`, `from_caffe`), trains with it
 (`GradualUnfreezing`, `callbacks`, `multi_optimizer`, `compat_v1_minimize`) or
-shows what it does (`summary`, `summary_records`, `plot`, the `layerlr` command).
+shows what it does (`resolve`, `summary`, `summary_records`, `plot`, the `layerlr` command).
 """
 
 import sys as _sys
 
-from layerlr.core._optimizer import LayerwiseOptimizer, VariableMultipliers
+from layerlr.core._optimizer import LayerwiseOptimizer, resolve
+from layerlr.core._resolution import Assignment, VariableMultipliers
 from layerlr.interop._caffe import from_caffe
 from layerlr.interop._compat_v1 import compat_v1_minimize
 from layerlr.interop._multi import multi_optimizer
@@ -28,6 +29,7 @@ for _module in (callbacks, plot, schedules):
 del _module
 
 __all__ = [
+    "Assignment",
     "GradualUnfreezing",
     "LayerwiseOptimizer",
     "VariableMultipliers",
@@ -39,6 +41,7 @@ __all__ = [
     "multi_optimizer",
     "no_decay",
     "plot",
+    "resolve",
     "schedules",
     "spread",
     "summary",

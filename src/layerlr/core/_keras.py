@@ -1,17 +1,35 @@
-"""Keras and backend internals we depend on, in one place.
+"""Every access layerlr makes to private Keras and backend internals.
 
-Everything here touches private Keras behaviour or backend specifics (tracking
-switches, AutoGraph, tracing state, the call stack); keeping it together keeps
-the rest of layerlr backend-neutral and shows what to re-check on a Keras upgrade.
+Keras does not promise any of these; a minor release may change them. The rest
+of layerlr calls the functions here and never reads or writes a private Keras
+name itself (`tests/test_keras_internals.py` enforces it), so this file is the
+list of what a Keras upgrade can break. Each access carries a comment:
+
+    # Keras: <the internal, as listed in `_keras_internals.INTERNALS`>
+    #   (checked with 3.15.1 and 3.16 nightly). Caught by: <our test>.
+
+`_keras_internals.check()` verifies each of them against the installed Keras
+(``scripts/test_nightly.sh`` runs it against the newest ``keras-nightly``).
+Overrides of private Keras methods (`LayerwiseOptimizer._track_variable`, its
+``_model_variables_moving_average``) stay in their classes; they are listed
+in the inventory too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Mapping
 
 import keras
 from keras import ops
+
+
+# --- tracking, tracing and compiled steps -------------------------------------------
+# Keras: keras.src.utils.tracking.DotNotTrackScope / global_state 'tracking_on' (checked with
+#   3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_jax_backend.py::test_nadam_state_is_all_in_optimizer_variables,
+#   tests/test_training.py::test_mixed_float16_wraps_us_in_loss_scaling_and_trains_correctly.
 
 
 @contextlib.contextmanager
@@ -56,6 +74,10 @@ def not_autograph(method):
     return tf.autograph.experimental.do_not_convert(method)
 
 
+# Keras: JAX: jax.core.Tracer; torch.compiler.is_compiling; TF init_scope (checked with 3.15.1
+#   and 3.16 nightly). Caught by: tests/test_unfreezing.py, tests/test_torch_backend.py.
+
+
 def cannot_create_state(grads) -> bool:
     """True inside jax.jit or torch.compile, where no variable can be created.
 
@@ -92,6 +114,12 @@ def outside_compiled_step():
         yield
 
 
+# --- the model being trained ---------------------------------------------------------
+# Keras: Layer._flatten_layers; the call stack: optimizers are built from a model method
+#   (checked with 3.15.1 and 3.16 nightly). Caught by: tests/test_rules.py,
+#   tests/test_summary.py.
+
+
 def layers_of_model(model) -> dict[int, list]:
     """Maps id(variable) -> every layer (the model included) whose weights hold it."""
     owners: dict[int, list] = {}
@@ -122,6 +150,12 @@ def find_model(variables) -> keras.Layer | None:
     return None
 
 
+# --- once-per-step state and fused steps ------------------------------------------
+# Keras: Nadam._u_product / Nadam._backend_update_step (checked with 3.15.1 and 3.16 nightly).
+#   Caught by: tests/test_torch_backend.py,
+#   tests/test_equivalence.py::test_matches_one_optimizer_per_group.
+
+
 def _nadam_momentum_product_step(inner, product, local_iterations):
     # keras.optimizers.Nadam._backend_update_step (checked: Keras 3.15.1), at
     # the variable's own step.
@@ -133,6 +167,10 @@ def _nadam_momentum_product_step(inner, product, local_iterations):
 # by attribute name, with its one-step update. A variable that starts training
 # late needs its own copy, advanced from its own first step.
 ONCE_PER_STEP_STATE = {"_u_product": _nadam_momentum_product_step}
+
+
+# Keras: torch: TorchParallelOptimizer._parallel_update_step (fused built-ins) (checked with
+#   3.15.1 and 3.16 nightly). Caught by: tests/test_torch_backend.py.
 
 
 def torch_compiling() -> bool:
@@ -148,6 +186,11 @@ def per_variable_update_step(inner, grads, variables, learning_rate):
     from keras.src.backend.torch.optimizers.torch_parallel_optimizer import TorchParallelOptimizer
 
     return super(TorchParallelOptimizer, inner)._backend_update_step(grads, variables, learning_rate)
+
+
+# --- steps ----------------------------------------------------------------------------
+# Keras: BaseOptimizer._iterations (checked with 3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_unfreezing.py, tests/test_late_start.py.
 
 
 def current_step(optimizer) -> int:
@@ -185,6 +228,12 @@ def counts_steps(inner) -> bool:
     return False
 
 
+# Keras: LossScaleOptimizer internals (inner_optimizer, _trainable_variables) (checked with
+#   3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_training.py::test_mixed_float16_wraps_us_in_loss_scaling_and_trains_correctly,
+#   tests/test_numerics.py.
+
+
 def follow_outer_loss_scale(model, optimizer) -> None:
     """Keeps a LossScaleOptimizer around ``optimizer`` on the same variable list.
 
@@ -195,10 +244,208 @@ def follow_outer_loss_scale(model, optimizer) -> None:
     outer = getattr(model, "optimizer", None) if model is not None else None
     if not isinstance(outer, keras.optimizers.LossScaleOptimizer) or outer.inner_optimizer is not optimizer:
         return
-    if not outer.built:
-        return
-    variables = list(optimizer._trainable_variables)
-    # Through __dict__: attribute assignment would track the model's
-    # variables as the outer optimizer's own state.
-    outer.__dict__["_trainable_variables"] = variables
-    outer.__dict__["_trainable_variables_indices"] = {outer._var_key(v): i for i, v in enumerate(variables)}
+    if outer.built:
+        follow_variables(outer, optimizer._trainable_variables)
+
+
+# --- optimizer variables and their order ------------------------------------------
+# Keras: BaseOptimizer._get_variable_index / _var_key / _trainable_variables_indices /
+#   _trainable_variables (checked with 3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_equivalence.py, tests/test_distribution.py.
+
+
+def trainable_variables(optimizer) -> list:
+    """The variables ``optimizer`` was built for, in the order it keeps their state."""
+    return optimizer._trainable_variables
+
+
+def variable_index(optimizer, variable) -> int:
+    """``variable``'s position in `trainable_variables` (per-replica variables included)."""
+    return optimizer._get_variable_index(variable)
+
+
+def var_key(optimizer, variable):
+    return optimizer._var_key(variable)
+
+
+def knows(optimizer, variable) -> bool:
+    """Whether ``optimizer`` holds state for ``variable``."""
+    return optimizer._var_key(variable) in optimizer._trainable_variables_indices
+
+
+def forget_variable_order(optimizer) -> None:
+    """Lets the next ``build()`` record a new variable order (``build`` only adds keys)."""
+    optimizer._trainable_variables_indices = {}
+
+
+def follow_variables(optimizer, variables) -> None:
+    """Points ``optimizer``'s own variable list at ``variables``, without tracking them as its state."""
+    variables = list(variables)
+    # Through __dict__: attribute assignment would track the variables as the
+    # optimizer's own state.
+    optimizer.__dict__["_trainable_variables"] = variables
+    optimizer.__dict__["_trainable_variables_indices"] = {
+        optimizer._var_key(v): i for i, v in enumerate(variables)
+    }
+
+
+def strategy_scope(optimizer):
+    """The optimizer's tf.distribute scope: state grown outside it (in a callback) must still be mirrored."""
+    # Keras: BaseOptimizer._distribution_strategy (TF) (checked with 3.15.1 and
+    #   3.16 nightly). Caught by: tests/test_distribution.py.
+    strategy = getattr(optimizer, "_distribution_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+# --- the optimizer's own variables ----------------------------------------------------
+# Keras: BaseOptimizer._iterations / _learning_rate / _track_variable / _untrack_variable /
+#   _variables (checked with 3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_drop_in.py::test_variables_are_exactly_the_inner_optimizers,
+#   tests/test_unfreezing.py.
+
+
+def step_counter(optimizer) -> keras.Variable:
+    """The raw step variable (``iterations`` times the gradient accumulation steps)."""
+    return optimizer._iterations
+
+
+def own_variables(optimizer) -> list:
+    """Every variable the optimizer tracks as its state (what ``variables`` lists)."""
+    return optimizer._variables
+
+
+def counter_and_rate(optimizer) -> tuple:
+    """The step counter and the learning-rate variable: state kept across a rebuild."""
+    return optimizer._iterations, getattr(optimizer, "_learning_rate", None)
+
+
+def track(optimizer, variable) -> None:
+    optimizer._track_variable(variable)
+
+
+def untrack(optimizer, variable) -> None:
+    optimizer._untrack_variable(variable)
+
+
+def share_state_of(wrapper, inner) -> None:
+    """Makes ``wrapper`` keep no state of its own: its step counter is ``inner``'s.
+
+    The base constructor made an ``iteration`` and a ``learning_rate``
+    variable for the wrapper; kept as attributes they would be stale copies.
+    """
+    wrapper._iterations = inner._iterations
+    del wrapper._learning_rate
+
+
+def learning_rate_schedule(optimizer):
+    """The optimizer's learning-rate schedule, or None for a constant rate."""
+    schedule = getattr(optimizer, "_learning_rate", None)
+    return schedule if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule) else None
+
+
+def current_learning_rate(optimizer):
+    """What base and backend helpers (torch's weight decay) read as the rate."""
+    return optimizer._get_current_learning_rate()
+
+
+def holds_saveables(obj) -> bool:
+    """True when ``obj`` has Keras-saveable children (layers, optimizers, ...)."""
+    # Keras: saving_lib._walk_saveable walks dir(); KerasSaveable (checked with
+    #   3.15.1 and 3.16 nightly). Caught by: tests/test_saving.py,
+    #   tests/test_drop_in.py::test_weight_files_are_interchangeable_with_the_plain_optimizers.
+    from keras.src.saving.keras_saveable import KerasSaveable
+
+    for value in vars(obj).values():
+        if isinstance(value, Mapping):
+            value = list(value.values())
+        if isinstance(value, (list, tuple)):
+            if any(isinstance(v, KerasSaveable) for v in value):
+                return True
+        elif isinstance(value, KerasSaveable):
+            return True
+    return False
+
+
+# Lists on an optimizer that hold variables but are not per-variable state.
+NOT_PER_VARIABLE_STATE = ("_variables", "_trainable_variables")
+
+
+# --- weight decay -----------------------------------------------------------------------
+# Keras: BaseOptimizer._apply_weight_decay / _use_weight_decay; Muon._should_use_adamw (checked
+#   with 3.15.1 and 3.16 nightly). Caught by: tests/test_equivalence.py,
+#   tests/test_training.py::test_exclude_from_weight_decay_is_still_honoured.
+
+
+def base_weight_decay(inner, variable):
+    """The weight decay Keras would apply to ``variable``, or None."""
+    should_use_adamw = getattr(inner, "_should_use_adamw", None)  # Muon
+    if should_use_adamw is not None and should_use_adamw(variable):
+        base = inner.adam_weight_decay
+    else:
+        base = inner.weight_decay
+    # Checked first: asking Keras creates its exclusion cache (and, under
+    # torch.compile, one more recompile) even when there is no decay at all.
+    if base is None or not inner._use_weight_decay(variable):
+        return None
+    return base
+
+
+def uses_weight_decay(inner, variable) -> bool:
+    return inner._use_weight_decay(variable)
+
+
+# --- EMA ------------------------------------------------------------------------------
+# Keras: BaseOptimizer._model_variables_moving_average / _update_model_variables_moving_average
+#   (checked with 3.15.1 and 3.16 nightly). Caught by:
+#   tests/test_late_start.py::test_ema_average_of_a_late_variable_starts_at_its_own_first_step,
+#   tests/test_drop_in.py::test_swap_ema_weights_with_a_wrapped_sub_optimizer_matches_plain_keras.
+
+
+def moving_averages(optimizer) -> list:
+    """The EMA averages, indexed like `trainable_variables` (empty without EMA)."""
+    return getattr(optimizer, "_model_variables_moving_average", None) or []
+
+
+def moving_average_of(optimizer, variable):
+    """``variable``'s EMA average in ``optimizer``, or None."""
+    index = optimizer._trainable_variables_indices.get(optimizer._var_key(variable))
+    return None if index is None else optimizer._model_variables_moving_average[index]
+
+
+# --- layers ---------------------------------------------------------------------------
+# Keras: Layer._flatten_layers / Layer._trainable_variables / Functional._nodes_by_depth
+#   (checked with 3.15.1 and 3.16 nightly). Caught by: tests/test_depth.py,
+#   tests/test_presets.py, tests/test_rules.py.
+
+
+def sublayers(layer, include_self: bool = True, recursive: bool = True) -> list:
+    return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
+
+
+def created_trainable(layer) -> list:
+    """The variables ``layer`` itself created trainable (still listed while it is frozen)."""
+    return list(getattr(layer, "_trainable_variables", ()))
+
+
+def is_functional(model) -> bool:
+    """Whether ``model`` has a functional graph (Functional and Sequential with an input)."""
+    return hasattr(model, "_nodes_by_depth")
+
+
+def nodes_by_depth(model) -> dict:
+    return model._nodes_by_depth
+
+
+def frozen_weights(model) -> list:
+    """Weights that do not train now: frozen layers' and non-trainable ones (moving statistics)."""
+    return model.non_trainable_weights
+
+
+# --- MultiOptimizer -------------------------------------------------------------------
+# Keras: MultiOptimizer._optimizer_map, called once per variable in build; values() lists the
+#   sub-optimizers (checked with 3.15.1 and 3.16 nightly). Caught by: tests/test_multi.py.
+
+
+def routing_of(multi):
+    """What a Keras ``MultiOptimizer`` was constructed with (our router, for `multi_optimizer`)."""
+    return multi._optimizer_map

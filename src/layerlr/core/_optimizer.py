@@ -8,18 +8,15 @@ at build time and installing the hook (`_hooks.install`) on the inner optimizer.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import warnings
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 
-from layerlr.core import _hooks, _rules, _state
+from layerlr.core import _hooks, _keras, _rules, _state
 from layerlr.core._keras import (
     cannot_create_state,
     counts_steps,
@@ -27,43 +24,21 @@ from layerlr.core._keras import (
     eager_value,
     follow_outer_loss_scale,
     find_model,
-    layers_of_model,
     not_autograph,
     outside_compiled_step,
     tracking_off,
     tracking_on,
 )
-from layerlr.core._saving import match_saved
+from layerlr.core._resolution import (
+    Assignment,
+    VariableMultipliers,
+    match_in_model,
+    multipliers_of,
+    structure_lookup,
+    value_now,
+    weight_decay_now,
+)
 from layerlr.core._rules import Multiplier, RuleSpec
-
-
-@dataclass(frozen=True)
-class VariableMultipliers:
-    """What one trainable variable gets, and which rule decided it.
-
-    ``lr_rule`` / ``decay_rule`` describe the first matching rule, or are None
-    when no rule matched and the default 1.0 applies. ``start_step`` is the
-    optimizer step at which the variable started training (it was unfrozen
-    then, or its scheduled multiplier left 0): it counts its own steps from
-    there, like a parameter added with ``add_param_group`` at that step.
-    """
-
-    path: str
-    lr_mult: Multiplier
-    decay_mult: Multiplier
-    lr_rule: str | None
-    decay_rule: str | None
-    start_step: int = 0
-
-    def to_config(self) -> dict:
-        return {
-            "path": self.path,
-            "lr_mult": _rules.multiplier_to_config(self.lr_mult),
-            "decay_mult": _rules.multiplier_to_config(self.decay_mult),
-            "lr_rule": self.lr_rule,
-            "decay_rule": self.decay_rule,
-            "start_step": self.start_step,
-        }
 
 
 class _State:
@@ -138,29 +113,8 @@ def _read_through(name: str) -> property:
     return property(get, set, doc=f"The wrapped optimizer's ``{name}``.")
 
 
-def _holds_saveables(obj) -> bool:
-    """True when ``obj`` has Keras-saveable children (layers, optimizers, ...)."""
-    from layerlr.core._keras_internals import KerasSaveable
-
-    for value in vars(obj).values():
-        if isinstance(value, Mapping):
-            value = list(value.values())
-        if isinstance(value, (list, tuple)):
-            if any(isinstance(v, KerasSaveable) for v in value):
-                return True
-        elif isinstance(value, KerasSaveable):
-            return True
-    return False
-
-
 def _same_variables(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
-
-
-def _strategy_scope(inner):
-    """State grown outside `strategy.scope()` (e.g. from a callback) must still be mirrored."""
-    strategy = getattr(inner, "_distribution_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 def _check_inner(optimizer) -> keras.optimizers.Optimizer:
@@ -357,23 +311,13 @@ class LayerwiseOptimizer(_Wrapper):
         # ours by attribute assignment either (see `_Wrapper._track_variable`).
         with tracking_off():
             super().__init__(learning_rate=0.0, name=name or inner.name)
-            self._drop_own_state(inner)
+            # The wrapper keeps no state of its own: its step counter is the
+            # inner's and its learning rate reads through.
+            _keras.share_state_of(self, inner)
         inner._layerlr_wrapped = True
         self.inner_optimizer = inner
         self._layerlr = _State(lr_rules, decay_rules, _saved_from_config(saved))
         self._layerlr.saved_structures = _structures_from_config(saved)
-
-    def _drop_own_state(self, inner) -> None:
-        """Leaves all optimizer state to the inner optimizer.
-
-        The base constructor made an ``iteration`` and a ``learning_rate``
-        variable for the wrapper (left out of ``_variables``, see
-        `_Wrapper._track_variable`); kept as attributes they would be stale
-        copies. The wrapper needs no state of its own: its step counter is
-        the inner's and its learning rate reads through.
-        """
-        self._iterations = inner._iterations
-        del self._learning_rate
 
     # --- building: resolve rules, build the inner optimizer, install the hook --
 
@@ -409,7 +353,7 @@ class LayerwiseOptimizer(_Wrapper):
     def _install(self, entries, model) -> None:
         inner = self.inner_optimizer
         starts = [e.start_step for e in entries]
-        with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+        with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
             late_state = _state.late_state(inner, starts)
         _hooks.install(inner, [e.lr_mult for e in entries], [e.decay_mult for e in entries], starts, late_state)
         self._layerlr.resolved = entries
@@ -428,24 +372,17 @@ class LayerwiseOptimizer(_Wrapper):
         inner = self.inner_optimizer
         new = [v for v in var_list if not self._knows(v)]
         model = model or self._layerlr.remembered_model()
-        if current_step(inner) == 0 and (new or len(var_list) < len(inner._trainable_variables)):
+        if current_step(inner) == 0 and (new or len(var_list) < len(_keras.trainable_variables(inner))):
             # Nothing trained yet (e.g. layers frozen after Keras built the
             # optimizer for all of them): start over, so that frozen
             # variables hold no slots.
-            known = {inner._var_key(v): e for v, e in zip(inner._trainable_variables, self._layerlr.resolved)}
-            fresh = iter(self._starting_now(self._resolve_rules(new, model, check_unused=False)) if new else ())
-            entries = tuple(known.get(inner._var_key(v)) or next(fresh) for v in var_list)
-            with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+            entries = self._keep_or_resolve(var_list, model)
+            with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
                 _state.rebuild(inner, var_list)
             self._install(entries, model)
         elif new:
-            # Only the new variables are resolved: the others keep the
-            # multipliers they trained with (saved ones included), and the
-            # rules were checked as a whole when first built.
-            entries = self._layerlr.resolved + self._starting_now(
-                self._resolve_rules(new, model, check_unused=False)
-            )
-            with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+            entries = self._keep_or_resolve([*_keras.trainable_variables(inner), *new], model)
+            with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
                 _state.grow(inner, new)
             self._install(entries, model)
         if model is not None and _same_variables(model.trainable_variables, var_list):
@@ -453,13 +390,28 @@ class LayerwiseOptimizer(_Wrapper):
         # Our own list follows the model's current trainable variables (the
         # order JAX's stateless_apply passes values in); the inner optimizer
         # keeps state for every variable it ever trained.
-        self._trainable_variables_indices = {}
+        _keras.forget_variable_order(self)
         super().build(var_list)
         follow_outer_loss_scale(model, self)
 
-    def _knows(self, variable) -> bool:
+    def _keep_or_resolve(self, variables, model) -> tuple[VariableMultipliers, ...]:
+        """Each variable's entry: kept if the inner optimizer trains it, else from the rules.
+
+        Only new variables are resolved, starting now: the others keep the
+        multipliers they trained with (saved ones included), and the rules
+        were checked as a whole when first built.
+        """
         inner = self.inner_optimizer
-        return inner._var_key(variable) in inner._trainable_variables_indices
+        known = {
+            _keras.var_key(inner, v): e
+            for v, e in zip(_keras.trainable_variables(inner), self._layerlr.resolved)
+        }
+        new = [v for v in variables if _keras.var_key(inner, v) not in known]
+        fresh = iter(self._starting_now(self._multipliers_of(new, model, check_unused=False)) if new else ())
+        return tuple(known.get(_keras.var_key(inner, v)) or next(fresh) for v in variables)
+
+    def _knows(self, variable) -> bool:
+        return _keras.knows(self.inner_optimizer, variable)
 
     @property
     def built(self) -> bool:
@@ -469,7 +421,7 @@ class LayerwiseOptimizer(_Wrapper):
         model = state.remembered_model() if state is not None else None
         # False once the model's trainable variables changed, so that Keras
         # calls build() again before training (see `_grow`).
-        return model is None or _same_variables(model.trainable_variables, self._trainable_variables)
+        return model is None or _same_variables(model.trainable_variables, _keras.trainable_variables(self))
 
     @built.setter
     def built(self, value: bool) -> None:
@@ -479,27 +431,11 @@ class LayerwiseOptimizer(_Wrapper):
         """(multipliers, the variables in the order the inner optimizer keeps them)."""
         if self._layerlr.saved is not None:
             return self._restore_saved(variables, model)
-        return self._starting_now(self._resolve_rules(variables, model)), variables
+        return self._starting_now(self._multipliers_of(variables, model)), variables
 
-    def _resolve_rules(self, variables, model, check_unused: bool = True) -> tuple[VariableMultipliers, ...]:
+    def _multipliers_of(self, variables, model, check_unused: bool = True) -> tuple[VariableMultipliers, ...]:
         state = self._layerlr
-        layers_of = None
-        rules = state.lr_rules + state.decay_rules
-        if any(r.selector.needs_layers or _rules.uses_structure(r.selector) for r in rules):
-            model = model or find_model(variables)
-            if model is not None:
-                owners = layers_of_model(model)
-                layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
-        frozen = model.non_trainable_weights if model is not None else ()
-        known = None if model is None else {id(w) for w in model.weights}
-        lrs = _rules.resolve(state.lr_rules, variables, "lr_mult", layers_of, frozen, known, check_unused)
-        decays = _rules.resolve(
-            state.decay_rules, variables, "decay_mult", layers_of, frozen, known, check_unused
-        )
-        return tuple(
-            VariableMultipliers(_rules.variable_path(v), lr, decay, lr_rule, decay_rule)
-            for v, (lr, lr_rule), (decay, decay_rule) in zip(variables, lrs, decays)
-        )
+        return multipliers_of(state.lr_rules, state.decay_rules, variables, model, check_unused)
 
     def _restore_saved(self, variables, model):
         """Reuses the multipliers saved with the model, matched by variable path.
@@ -510,16 +446,7 @@ class LayerwiseOptimizer(_Wrapper):
         order, which is the order its saved state (by index) was written in.
         """
         saved = self._layerlr.saved
-        frozen = [] if model is None else model.non_trainable_weights
-        structures = self._layerlr.saved_structures
-        if structures is not None and model is not None:
-            owners = layers_of_model(model)
-            ordered = match_saved(
-                structures, variables, frozen,
-                path_of=lambda v: _rules.structural_path(v, owners.get(id(v), ())),
-            )
-        else:
-            ordered = match_saved([e.path for e in saved], variables, frozen)
+        ordered = match_in_model([e.path for e in saved], self._layerlr.saved_structures, variables, model)
         if isinstance(ordered, str):
             raise ValueError(
                 f"The multipliers saved with this optimizer do not fit the model "
@@ -537,15 +464,11 @@ class LayerwiseOptimizer(_Wrapper):
         if not all(r.selector.resolvable for r in rules):
             return entries, ordered  # bound to live objects: nothing to cross-check
         try:
-            fresh = self._resolve_rules(ordered, model)
+            fresh = self._multipliers_of(ordered, model)
         except ValueError as error:
             reason = str(error)
         else:
-            changed = [
-                f.path
-                for f, e in zip(fresh, entries)
-                if _multiplier_configs(f) != _multiplier_configs(e)
-            ]
+            changed = [f.path for f, e in zip(fresh, entries) if not f.same_multipliers(e)]
             reason = f"they now give other multipliers for {changed[:3]}" if changed else None
         if reason:
             warnings.warn(
@@ -576,6 +499,106 @@ class LayerwiseOptimizer(_Wrapper):
                 key = f"{e.path}#{n}"
             result[key] = e
         return result
+
+    @property
+    def lr_rules(self) -> tuple[_rules.Rule, ...]:
+        """The ``lr_mult`` rules, in order (``rule.describe()``, ``rule.value``)."""
+        return self._layerlr.lr_rules
+
+    @property
+    def decay_rules(self) -> tuple[_rules.Rule, ...]:
+        """The ``decay_mult`` rules, in order."""
+        return self._layerlr.decay_rules
+
+    def resolve(self, model: keras.Layer | None = None) -> list[Assignment]:
+        """What every variable gets, and the rates that gives now, without building.
+
+        With ``model``: each trainable variable of the model, then those of its
+        frozen layers (``trained=False``: what they get once unfrozen), in
+        ``model.weights`` order. Without it: the variables the built optimizer
+        trains, in its order. Before the optimizer is built, the rules (or the
+        multipliers saved with the model) are resolved as the build will
+        resolve them; building would create the optimizer's state. After it
+        is built, variables keep what they trained with, and variables it has
+        not seen yet (unfrozen since) get the rules' multipliers
+        (``new=True``).
+
+        >>> import keras, layerlr
+        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")], name="net")
+        >>> opt = layerlr.LayerwiseOptimizer(keras.optimizers.SGD(0.1), lr_mult={"*bias": 0.5})
+        >>> [(a.path, a.multipliers.lr_rule, round(a.learning_rate, 6)) for a in opt.resolve(model)]
+        [('net/head/kernel', None, 0.1), ('net/head/bias', "'*bias'", 0.05)]
+        """
+        if model is not None and not isinstance(model, keras.Layer):
+            raise TypeError(f"Expected a Keras model or layer, got {model!r} of type {type(model).__name__}.")
+        inner = self.inner_optimizer
+        known = self._known_entries()
+        if model is None:
+            if not known:
+                raise ValueError(
+                    "The optimizer is not built yet, so it cannot know the variables: pass "
+                    "the model, e.g. optimizer.resolve(model) or layerlr.summary(model, optimizer)."
+                )
+            trained = list(_keras.trainable_variables(inner))
+            frozen: list = []
+        else:
+            trained = list(model.trainable_variables)
+            trained_ids = {id(v) for v in trained}
+            created = {id(v) for layer in _keras.sublayers(model) for v in _keras.created_trainable(layer)}
+            frozen = [w for w in model.weights if id(w) in created and id(w) not in trained_ids]
+        entries = dict(known)
+        if not known:
+            resolved, ordered = self._resolve(trained, model)
+            entries = {id(v): e for v, e in zip(ordered, resolved)}
+        unseen = [v for v in trained + frozen if id(v) not in entries]
+        if unseen:
+            entries.update(self._from_rules(unseen, [v for v in trained + frozen if id(v) in entries],
+                                            {id(v) for v in frozen}, model))
+        step = self.iterations
+        base_lr = float(_keras.eager_value(self.learning_rate))
+        frozen_ids = {id(v) for v in frozen}
+
+        def assignment(variable) -> Assignment:
+            entry = entries.get(id(variable))
+            is_trained = id(variable) not in frozen_ids
+            lr_mult = decay_mult = None
+            if entry is not None:
+                lr_mult, decay_mult = value_now(entry.lr_mult, step), value_now(entry.decay_mult, step)
+            return Assignment(
+                variable=variable,
+                path=_rules.variable_path(variable),
+                trained=is_trained,
+                multipliers=entry,
+                new=is_trained and bool(known) and id(variable) not in known,
+                lr_mult=lr_mult,
+                decay_mult=decay_mult,
+                learning_rate=base_lr * lr_mult if is_trained and entry is not None else None,
+                weight_decay=weight_decay_now(inner, variable, decay_mult)
+                if is_trained and entry is not None else None,
+            )
+
+        return [assignment(v) for v in trained + frozen]
+
+    def _known_entries(self) -> dict[int, VariableMultipliers]:
+        """What the built optimizer resolved, by id of the variable."""
+        resolved = self._layerlr.resolved
+        if resolved is None:
+            return {}
+        return {id(v): e for v, e in zip(_keras.trainable_variables(self.inner_optimizer), resolved)}
+
+    def _from_rules(self, unseen, seen, frozen_ids, model) -> dict[int, VariableMultipliers]:
+        """What the next build gives variables the optimizer has not resolved yet."""
+        try:
+            # With the others, so that rules selecting only those do not count as unused.
+            fresh = self._multipliers_of(seen + unseen, model)
+        except ValueError:
+            if any(id(v) not in frozen_ids for v in unseen):
+                raise  # training would fail the same way
+            # Only frozen variables are affected (rules restored from a save
+            # can be bound to objects that are gone): they get no multipliers.
+            return {}
+        unseen_ids = {id(v) for v in unseen}
+        return {id(v): e for v, e in zip(seen + unseen, fresh) if id(v) in unseen_ids}
 
     def summary(self, model=None, *, width: int | None = None, print_fn=None) -> None:
         """Prints each variable's multipliers and effective rates (see `layerlr.summary`).
@@ -614,7 +637,7 @@ class LayerwiseOptimizer(_Wrapper):
             with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
         elif trainable_variables is None:
-            trainable_variables = self._trainable_variables
+            trainable_variables = _keras.trainable_variables(self)
             if len(grads) != len(trainable_variables):
                 raise ValueError(
                     f"Got {len(grads)} gradients, but the optimizer updates "
@@ -639,7 +662,7 @@ class LayerwiseOptimizer(_Wrapper):
             raise ValueError(
                 f"Unknown variable(s) for this optimizer: "
                 f"{[_rules.variable_path(v) for v in strangers[:3]]}. It was built for "
-                f"{len(self._trainable_variables)} variables of its model. To train "
+                f"{len(_keras.trainable_variables(self))} variables of its model. To train "
                 "more variables with the same optimizer state, call "
                 "`optimizer.build(all_variables)` first. If they belong to another "
                 "model, give that model its own optimizer."
@@ -658,7 +681,7 @@ class LayerwiseOptimizer(_Wrapper):
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables)
-        return self.inner_optimizer._iterations
+        return _keras.step_counter(self.inner_optimizer)
 
     def update_step(self, gradient, variable, learning_rate):
         """The wrapped optimizer's update of one variable, at ``learning_rate * lr_mult``.
@@ -673,7 +696,7 @@ class LayerwiseOptimizer(_Wrapper):
                 "`optimizer.build(trainable_variables)` before `update_step`."
             )
         inner = self.inner_optimizer
-        lr_mult = resolved[inner._get_variable_index(variable)].lr_mult
+        lr_mult = resolved[_keras.variable_index(inner, variable)].lr_mult
         if isinstance(lr_mult, float):
             if lr_mult == 0.0:
                 return  # variable and slots untouched, as in training
@@ -702,7 +725,7 @@ class LayerwiseOptimizer(_Wrapper):
         # nothing of it goes unsaved.
         names = super().__dir__()
         inner = self.__dict__.get("inner_optimizer")
-        if inner is not None and not _holds_saveables(inner):
+        if inner is not None and not _keras.holds_saveables(inner):
             names = [n for n in names if n != "inner_optimizer"]
         return names
 
@@ -750,7 +773,7 @@ class LayerwiseOptimizer(_Wrapper):
 
     def _get_current_learning_rate(self):
         # Base and backend helpers (torch's weight decay) read the rate this way.
-        return self.inner_optimizer._get_current_learning_rate()
+        return _keras.current_learning_rate(self.inner_optimizer)
 
     @property
     def iterations(self):
@@ -783,9 +806,7 @@ class LayerwiseOptimizer(_Wrapper):
                 variable.assign(average)
 
     def _average_of(self, variable):
-        inner = self.inner_optimizer
-        index = inner._trainable_variables_indices.get(inner._var_key(variable))
-        return None if index is None else inner._model_variables_moving_average[index]
+        return _keras.moving_average_of(self.inner_optimizer, variable)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         self.inner_optimizer.exclude_from_weight_decay(var_list, var_names)
@@ -794,7 +815,7 @@ class LayerwiseOptimizer(_Wrapper):
     def _model_variables_moving_average(self):
         # SwapEMAWeights unwraps one wrapper level (under LossScaleOptimizer
         # that level is us) and pairs these with our `_trainable_variables`.
-        return [self._average_of(v) for v in self._trainable_variables]
+        return [self._average_of(v) for v in _keras.trainable_variables(self)]
 
     # --- weight files ------------------------------------------------------
 
@@ -811,7 +832,7 @@ class LayerwiseOptimizer(_Wrapper):
                 "start_steps": [e.start_step for e in entries],
                 "paths": [e.path for e in entries],
                 "structures": None if structure_of is None
-                else [structure_of(v) for v in self.inner_optimizer._trainable_variables],
+                else [structure_of(v) for v in _keras.trainable_variables(self.inner_optimizer)],
             }
             store[_LATE_STARTS_KEY] = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
 
@@ -841,27 +862,17 @@ class LayerwiseOptimizer(_Wrapper):
                 "scope, then `model.load_weights(...)`."
             )
         inner = self.inner_optimizer
-        if record["structures"] is not None:
-            owners = layers_of_model(model)
-            ordered = match_saved(
-                record["structures"], model.trainable_variables, model.non_trainable_weights,
-                path_of=lambda v: _rules.structural_path(v, owners.get(id(v), ())),
-            )
-        else:
-            ordered = match_saved(record["paths"], model.trainable_variables, model.non_trainable_weights)
+        ordered = match_in_model(record["paths"], record["structures"], model.trainable_variables, model)
         if isinstance(ordered, str):
             raise ValueError(
                 f"The optimizer weights being loaded do not fit this model: {ordered}. "
                 "Load them into the model they were saved from."
             )
-        known = {inner._var_key(v): e for v, e in zip(inner._trainable_variables, self._layerlr.resolved)}
-        new = [v for v in ordered if inner._var_key(v) not in known]
-        fresh = iter(self._resolve_rules(new, model, check_unused=False) if new else ())
         entries = tuple(
-            dataclasses.replace(known.get(inner._var_key(v)) or next(fresh), start_step=int(start))
-            for v, start in zip(ordered, record["start_steps"])
+            dataclasses.replace(entry, start_step=int(start))
+            for entry, start in zip(self._keep_or_resolve(ordered, model), record["start_steps"])
         )
-        with tracking_on(), outside_compiled_step(), _strategy_scope(inner):
+        with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
             _state.rebuild(inner, ordered)
         self._install(entries, model)
 
@@ -874,7 +885,7 @@ class LayerwiseOptimizer(_Wrapper):
         saved = None if entries is None else [e.to_config() for e in entries]
         if saved is not None:
             structures = (
-                [structure_of(v) for v in self.inner_optimizer._trainable_variables]
+                [structure_of(v) for v in _keras.trainable_variables(self.inner_optimizer)]
                 if structure_of is not None and state.resolved is not None
                 else state.saved_structures
             )
@@ -890,11 +901,7 @@ class LayerwiseOptimizer(_Wrapper):
 
     def _structure_of(self):
         """variable -> its `structural_path` in the trained model, if the model is known."""
-        model = self._layerlr.remembered_model()
-        if model is None:
-            return None
-        owners = layers_of_model(model)
-        return lambda v: _rules.structural_path(v, owners.get(id(v), ()))
+        return structure_lookup(self._layerlr.remembered_model())
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -960,19 +967,7 @@ def _structures_from_config(saved) -> tuple[str, ...] | None:
 
 
 def _saved_from_config(saved) -> tuple[VariableMultipliers, ...] | None:
-    if saved is None:
-        return None
-    return tuple(
-        VariableMultipliers(
-            path=str(e["path"]),
-            lr_mult=_rules.multiplier_from_config(e["lr_mult"], f"saved lr_mult of {e['path']}"),
-            decay_mult=_rules.multiplier_from_config(e["decay_mult"], f"saved decay_mult of {e['path']}"),
-            lr_rule=e.get("lr_rule"),
-            decay_rule=e.get("decay_rule"),
-            start_step=int(e.get("start_step", 0)),
-        )
-        for e in saved
-    )
+    return None if saved is None else tuple(VariableMultipliers.from_config(e) for e in saved)
 
 
 def _first_step_of(lr_mult: Multiplier, inner, path: str) -> int:
@@ -995,5 +990,69 @@ def _first_step_of(lr_mult: Multiplier, inner, path: str) -> int:
     )
 
 
-def _multiplier_configs(entry: VariableMultipliers):
-    return _rules.multiplier_to_config(entry.lr_mult), _rules.multiplier_to_config(entry.decay_mult)
+
+def layerwise_optimizer_of(model: keras.Layer | None, optimizer=None) -> LayerwiseOptimizer:
+    """``optimizer``, or ``model.optimizer``, as a LayerwiseOptimizer, or a ValueError saying why not."""
+    if optimizer is None:
+        if model is None:
+            raise ValueError("Pass a model, an optimizer, or both.")
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError(
+                f"The model {model.name!r} has no optimizer: it was not compiled, or "
+                "was saved without one. Compile it with a LayerwiseOptimizer, or pass "
+                "the optimizer: layerlr.summary(model, optimizer)."
+            )
+    if isinstance(optimizer, str):
+        optimizer = keras.optimizers.get(optimizer)
+    # mixed_float16 wraps us in a LossScaleOptimizer at compile time.
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    if isinstance(optimizer, LayerwiseOptimizer):
+        return optimizer
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        rate = float(eager_value(optimizer.learning_rate))
+        raise ValueError(
+            f"The optimizer is a plain {type(optimizer).__name__}, not a "
+            "LayerwiseOptimizer: every variable trains at its learning rate "
+            f"({rate:.3g}), with no per-layer "
+            "multipliers. Wrap it: layerlr.LayerwiseOptimizer("
+            f"keras.optimizers.{type(optimizer).__name__}(...), lr_mult={{...}})."
+        )
+    raise TypeError(
+        "Expected a keras.optimizers.Optimizer (a layerlr.LayerwiseOptimizer), got "
+        f"{optimizer!r} of type {type(optimizer).__name__}."
+    )
+
+
+def resolve(
+    model: keras.Layer,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    *,
+    lr_mult: RuleSpec = None,
+    decay_mult: RuleSpec = None,
+) -> list[Assignment]:
+    """What each variable of ``model`` gets: from its optimizer, or from rules alone.
+
+    ``resolve(model)`` reads ``model.optimizer`` (a `LayerwiseOptimizer`,
+    also inside the LossScaleOptimizer of mixed precision);
+    ``resolve(model, optimizer)`` that optimizer; both are
+    `LayerwiseOptimizer.resolve`. ``resolve(model, lr_mult=..., decay_mult=...)``
+    resolves rules without any optimizer: ``learning_rate`` and
+    ``weight_decay`` are then relative to a base of 1.0. Nothing is built.
+
+    >>> import keras, layerlr
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="body"),
+    ...                           keras.layers.Dense(1, name="head")], name="net")
+    >>> [(a.path, a.learning_rate) for a in layerlr.resolve(model, lr_mult={"body": 0.1})]
+    [('net/body/kernel', 0.1), ('net/body/bias', 0.1), ('net/head/kernel', 1.0), ('net/head/bias', 1.0)]
+    """
+    if lr_mult is not None or decay_mult is not None:
+        if optimizer is not None:
+            raise ValueError(
+                "Pass either an optimizer or rules (lr_mult=..., decay_mult=...), not both: "
+                "an optimizer's rules are its own (LayerwiseOptimizer(..., lr_mult=...))."
+            )
+        base = keras.optimizers.SGD(1.0, weight_decay=1.0 if decay_mult is not None else None)
+        optimizer = LayerwiseOptimizer(base, lr_mult=lr_mult, decay_mult=decay_mult)
+    return layerwise_optimizer_of(model, optimizer).resolve(model)

@@ -715,8 +715,8 @@ def resolve(
     frozen: Sequence = (),
     model_weights: set[int] | None = None,
     check_unused: bool = True,
-) -> list[tuple[Multiplier, str | None]]:
-    """Per variable: ``(value, description of the winning rule or None)``.
+) -> list[tuple[Multiplier, int | None]]:
+    """Per variable: ``(value, index of the winning rule, or None)``.
 
     Raises a ValueError naming the rule when a rule selects none of
     ``variables`` nor of the ``frozen`` ones (whose multiplier applies once
@@ -746,8 +746,7 @@ def resolve(
     tests = _per_variable_tests(compiled)
     first_test = tests[0][0] if tests else n_rules
     values = [rule.value for rule in rules]
-    descriptions = [rule.describe() for rule in rules]
-    result: list[tuple[Multiplier, str | None]] = []
+    result: list[tuple[Multiplier, int | None]] = []
     used = [False] * n_rules
     for variable in variables:
         winner = first_by_id.get(id(variable), n_rules)
@@ -778,7 +777,7 @@ def resolve(
                     raise selector.error(error, variable) from error
                 raise
         if winner < n_rules:
-            result.append((values[winner], descriptions[winner]))
+            result.append((values[winner], winner))
             used[winner] = True
         else:
             result.append((1.0, None))

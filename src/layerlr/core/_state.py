@@ -15,16 +15,14 @@ from collections.abc import Sequence
 
 import keras
 
+from layerlr.core import _keras
 from layerlr.core._keras import ONCE_PER_STEP_STATE
-
-# Lists that hold variables but are not per-variable optimizer state.
-_NOT_STATE = ("_variables", "_trainable_variables")
 
 
 def _per_variable_lists(inner, count: int) -> dict[str, list]:
     lists = {}
     for name, value in vars(inner).items():
-        if name in _NOT_STATE or isinstance(value, (str, bytes)):
+        if name in _keras.NOT_PER_VARIABLE_STATE or isinstance(value, (str, bytes)):
             continue
         if not isinstance(value, Sequence) or len(value) != count:
             continue
@@ -37,7 +35,7 @@ def _per_variable_lists(inner, count: int) -> dict[str, list]:
 
 
 def _global_variables(inner) -> dict[str, keras.Variable]:
-    keep = (inner._iterations, getattr(inner, "_learning_rate", None))
+    keep = _keras.counter_and_rate(inner)
     return {
         name: value
         for name, value in vars(inner).items()
@@ -51,13 +49,10 @@ def grow(inner, new_variables: Sequence) -> None:
     Existing per-variable and global state is copied into the rebuilt state;
     the step counter and learning-rate variable are kept as they are.
     """
-    old_variables = list(inner._trainable_variables)
+    old_variables = list(_keras.trainable_variables(inner))
     per_variable = _per_variable_lists(inner, len(old_variables))
     global_state = _global_variables(inner)
-    keep = (inner._iterations, getattr(inner, "_learning_rate", None))
-    untracked = [v for v in inner._variables if not any(v is k for k in keep)]
-    for variable in untracked:
-        inner._untrack_variable(variable)
+    untracked = _untrack_all_but_counter_and_rate(inner)
     inner.built = False
     inner.build(old_variables + list(new_variables))
     carried = set()
@@ -73,17 +68,25 @@ def grow(inner, new_variables: Sequence) -> None:
             carried.add(id(before))
     # State we do not recognise (a subclass's own bookkeeping) stays as it was
     # rather than being dropped from `.variables` (and from saving).
-    current = {id(v) for v in inner._variables}
+    current = {id(v) for v in _keras.own_variables(inner)}
     for variable in untracked:
         if id(variable) not in carried and id(variable) not in current:
-            inner._track_variable(variable)
+            _keras.track(inner, variable)
     # A new variable's moving average starts at its value, not at 0: swapping
     # in EMA weights before (or right after) its first step must not shrink it.
-    averages = getattr(inner, "_model_variables_moving_average", None) if inner.use_ema else None
+    averages = _keras.moving_averages(inner) if inner.use_ema else None
     if averages:
         for variable, average in zip(new_variables, averages[len(old_variables):]):
             if average is not None:
                 average.assign(variable)
+
+
+def _untrack_all_but_counter_and_rate(inner) -> list:
+    keep = _keras.counter_and_rate(inner)
+    untracked = [v for v in _keras.own_variables(inner) if not any(v is k for k in keep)]
+    for variable in untracked:
+        _keras.untrack(inner, variable)
+    return untracked
 
 
 def rebuild(inner, variables: Sequence) -> None:
@@ -92,11 +95,9 @@ def rebuild(inner, variables: Sequence) -> None:
     For an optimizer that has not taken a step yet: its state is still the
     initial one, and variables frozen before training must hold no slots.
     """
-    keep = (inner._iterations, getattr(inner, "_learning_rate", None))
-    for variable in [v for v in inner._variables if not any(v is k for k in keep)]:
-        inner._untrack_variable(variable)
+    _untrack_all_but_counter_and_rate(inner)
     inner.__dict__.pop("_layerlr_late_state", None)
-    inner._trainable_variables_indices = {}  # build() only adds keys
+    _keras.forget_variable_order(inner)
     inner.built = False
     inner.build(list(variables))
 

@@ -7,12 +7,13 @@ dispatch, state, callbacks); the subclass only adds two things:
 
 - routing is resolved once, at build time, against the whole variable list, so
   a selector that selects nothing raises (as in `LayerwiseOptimizer`);
-- the config stores the resolved route of every variable, by position. A
-  callable routing map cannot be reloaded under ``safe_mode``, and an
-  ``OptimizerMap`` of exact paths silently mis-routes after ``load_model``
-  (``Sequential`` drops the model-name prefix: ``seq/d1/kernel`` -> ``d1/kernel``),
-  so on reload we reuse the saved routes after checking the variables still
-  line up, exactly as `LayerwiseOptimizer` does with its multipliers.
+- the config stores the resolved route of every variable. A callable
+  routing map cannot be reloaded under ``safe_mode``, and an ``OptimizerMap``
+  of exact paths silently mis-routes after ``load_model`` (``Sequential``
+  drops the model-name prefix: ``seq/d1/kernel`` -> ``d1/kernel``), so on
+  reload the saved routes are matched back to the variables by path, with
+  the same policy as `LayerwiseOptimizer`'s saved multipliers
+  (`_resolution.match_in_model`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from typing import Any, Union
 
 import keras
 
-from layerlr.core import _rules
-from layerlr.core._keras import find_model, layers_of_model, tracking_on
-from layerlr.core._saving import first_path_mismatch
+from layerlr.core import _keras, _rules
+from layerlr.core._resolution import match_in_model, resolve_in_model
 
 GroupSpec = Union[
     Mapping[Any, keras.optimizers.Optimizer],
@@ -162,47 +162,51 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         if isinstance(var_list, keras.Layer):
             model, var_list = var_list, var_list.trainable_variables
         var_list = list(var_list)
-        router: _Router = self._optimizer_map
-        routes = self._resolve(var_list, model)
-        router._by_id = {id(v): router.optimizers[i] for v, (_, i, _) in zip(var_list, routes)}
+        router = self._router
+        routes, ordered = self._resolve(var_list, model)
+        router._by_id = {id(v): router.optimizers[i] for v, (_, i, _) in zip(ordered, routes)}
         try:
             # Under LossScaleOptimizer.build tracking is off, and sub-optimizers
             # that add state by attribute (Nadam's `_u_product`) would lose it.
-            with tracking_on():
-                super().build(var_list)
+            with _keras.tracking_on():
+                # Sub-optimizers keep their state in build order: the saved one.
+                super().build(ordered)
         finally:
             router._by_id = {}
-        router.routes = routes
+        if any(a is not b for a, b in zip(ordered, var_list)):
+            # Gradients come in the model's order.
+            _keras.follow_variables(self, var_list)
+        position = {id(v): k for k, v in enumerate(ordered)}
+        router.routes = tuple(routes[position[id(v)]] for v in var_list)
 
-    def _resolve(self, variables, model) -> tuple[tuple[str, int, str | None], ...]:
-        router: _Router = self._optimizer_map
-        if router.saved_routes is not None:
+    @property
+    def _router(self) -> _Router:
+        return _keras.routing_of(self)
+
+    def _resolve(self, variables, model):
+        """(route of each variable, the variables in the order to build in)."""
+        if self._router.saved_routes is not None:
             return self._restore_saved(variables, model)
-        return self._resolve_rules(variables, model)
+        return self._resolve_rules(variables, model), variables
 
     def _resolve_rules(self, variables, model):
-        router: _Router = self._optimizer_map
-        # The group index rides in the rule value; `resolve` gives first-match
-        # -wins and raises for selectors that select nothing.
-        rules = tuple(_rules.Rule(sel, float(i)) for i, (sel, _) in enumerate(router.groups))
-        layers_of = None
-        if any(r.selector.needs_layers for r in rules):
-            model = model or find_model(variables)
-            if model is not None:
-                owners = layers_of_model(model)
-                layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
-        resolved = _rules.resolve(rules, variables, _KIND, layers_of)
+        router = self._router
+        rules = tuple(_rules.Rule(sel, 1.0) for sel, _ in router.groups)
+        if model is None and any(r.selector.needs_layers for r in rules):
+            model = _keras.find_model(variables)
+        # First match wins, and a selector that selects nothing raises.
+        resolved = resolve_in_model(rules, variables, _KIND, model)
         routes = []
         unmatched = []
-        for variable, (value, rule) in zip(variables, resolved):
+        for variable, (_, group) in zip(variables, resolved):
             path = _rules.variable_path(variable)
-            if rule is None:
+            if group is None:
                 if router.default_optimizer is None:
                     unmatched.append(path)
                     continue
                 routes.append((path, router.index(router.default_optimizer), None))
             else:
-                routes.append((path, router.index(router.groups[int(value)][1]), rule))
+                routes.append((path, router.index(router.groups[group][1]), rules[group].describe()))
         if unmatched:
             shown = ", ".join(repr(p) for p in unmatched[:8]) + (", ..." if len(unmatched) > 8 else "")
             raise ValueError(
@@ -213,14 +217,15 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         return tuple(routes)
 
     def _restore_saved(self, variables, model):
-        router: _Router = self._optimizer_map
+        router = self._router
         saved = router.saved_routes
-        paths = [_rules.variable_path(v) for v in variables]
-        mismatch = first_path_mismatch([p for p, _, _ in saved], paths)
-        if mismatch is not None:
+        # Frozen variables are not candidates: Keras' MultiOptimizer gives
+        # every variable it was built for a gradient in each step.
+        ordered = match_in_model([p for p, _, _ in saved], None, variables, model, frozen_too=False)
+        if isinstance(ordered, str):
             raise ValueError(
                 f"The routes saved with this multi_optimizer do not fit the model it "
-                f"is being built for: {mismatch}. The model's layers or variables "
+                f"is being built for: {ordered}. The model's layers or variables "
                 "changed since saving, so the saved optimizer states cannot be "
                 "matched safely. Create a new multi_optimizer for this model and "
                 "compile again."
@@ -230,11 +235,11 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
                 "The saved routes name an optimizer this multi_optimizer does not "
                 "have; the saved config is inconsistent."
             )
-        entries = tuple((p, i, rule) for p, (_, i, rule) in zip(paths, saved))
+        entries = tuple((_rules.variable_path(v), i, rule) for v, (_, i, rule) in zip(ordered, saved))
         if not all(sel.resolvable for sel, _ in router.groups):
-            return entries  # bound to live objects: nothing to cross-check
+            return entries, ordered  # bound to live objects: nothing to cross-check
         try:
-            fresh = self._resolve_rules(variables, model)
+            fresh = self._resolve_rules(ordered, model)
         except ValueError as error:
             reason = str(error)
         else:
@@ -248,12 +253,12 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
                 "outer-model path prefixes, which change across load_model.",
                 stacklevel=2,
             )
-        return entries
+        return entries, ordered
 
     @property
     def routes(self) -> dict[str, keras.optimizers.Optimizer]:
         """The sub-optimizer of every trainable variable, by path, in variable order."""
-        router: _Router = self._optimizer_map
+        router = self._router
         if router.routes is None:
             raise ValueError(
                 "The optimizer is not built yet, so no variable has a route. Call "
@@ -262,7 +267,7 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         return {path: router.optimizers[i] for path, i, _ in router.routes}
 
     def get_config(self):
-        router: _Router = self._optimizer_map
+        router = self._router
         routes = router.routes if router.routes is not None else router.saved_routes
         return {
             "name": self.name,

@@ -42,6 +42,8 @@ from typing import Any
 
 import keras
 
+from layerlr.core import _keras
+
 _MISSING = object()
 
 
@@ -58,16 +60,16 @@ NORMALIZATION_TYPES = _normalization_types()
 
 
 def _is_functional(layer) -> bool:
-    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
+    return isinstance(layer, keras.Model) and _keras.is_functional(layer)
 
 
 def _sublayers(layer, recursive: bool = True) -> list:
-    return layer._flatten_layers(include_self=False, recursive=recursive)
+    return _keras.sublayers(layer, include_self=False, recursive=recursive)
 
 
 def _own_params(layer) -> list:
     """Variables `layer` itself created trainable (frozen or not), sublayers excluded."""
-    return list(getattr(layer, "_trainable_variables", ()))
+    return _keras.created_trainable(layer)
 
 
 def params(layer) -> list:
@@ -79,7 +81,7 @@ def params(layer) -> list:
     """
     seen: set[int] = set()
     found = []
-    for sub in layer._flatten_layers(include_self=True):
+    for sub in _keras.sublayers(layer):
         for variable in _own_params(sub):
             if id(variable) not in seen:
                 seen.add(id(variable))
@@ -139,7 +141,7 @@ def _trace(model, sample_input) -> dict[int, list[_Call]]:
 
     patched = []
     try:
-        for layer in model._flatten_layers(include_self=True):
+        for layer in _keras.sublayers(model):
             previous = layer.__dict__.get("call", _MISSING)
             # object.__setattr__: Keras' (and TF's, torch's) attribute tracking
             # must not see the wrapper.
@@ -256,8 +258,9 @@ class _Builder:
         start = len(self.ops)
         # Same order as Keras' own execution (`Function._run_through_graph`),
         # so traced calls of layers inside line up with these nodes.
-        for depth in sorted(model._nodes_by_depth, reverse=True):
-            for node in model._nodes_by_depth[depth]:
+        nodes = _keras.nodes_by_depth(model)
+        for depth in sorted(nodes, reverse=True):
+            for node in nodes[depth]:
                 if node.operation is None or node.is_input:
                     continue
                 node_parents = [tensors[id(t)] for t in node.input_tensors if id(t) in tensors]

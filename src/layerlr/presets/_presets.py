@@ -16,7 +16,8 @@ from typing import Any
 
 import keras
 
-from layerlr.core import _rules
+from layerlr.core import _keras, _rules
+from layerlr.core._resolution import resolve_in_model
 from layerlr.presets import _depth
 
 Rules = list[tuple[Any, float]]
@@ -219,7 +220,7 @@ def no_decay(model: keras.Layer, *, embeddings: bool = False) -> Rules:
             f"The model {model.name!r} has no weights yet. Build it first: call it on "
             "data, give it a keras.Input, or use model.build(input_shape)."
         )
-    layers = model._flatten_layers(include_self=True)
+    layers = _keras.sublayers(model)
     found: list[tuple[Any, list]] = []  # (selector, its variables)
     covered: set[int] = set()
     for layer in layers:
@@ -286,7 +287,7 @@ def lora_plus(model: keras.Layer, ratio: float = 16.0, *, base: Rules | None = N
     ratio = _positive(ratio, "ratio")
     adapters = [
         (layer, getattr(layer, "lora_kernel_a", None), getattr(layer, "lora_kernel_b", None))
-        for layer in model._flatten_layers(include_self=True)
+        for layer in _keras.sublayers(model)
         if getattr(layer, "lora_enabled", False)
     ]
     adapters = [(layer, a, b) for layer, a, b in adapters if a is not None and b is not None]
@@ -301,12 +302,7 @@ def lora_plus(model: keras.Layer, ratio: float = 16.0, *, base: Rules | None = N
         return [("lora_kernel_b", ratio)]
     rules = _rules.parse_rules(base, "base")
     variables = [a for _, a, _ in adapters]
-    from layerlr.core._keras import layers_of_model
-
-    owners = layers_of_model(model)
-    found = _rules.resolve(
-        rules, variables, "base", lambda v: owners.get(id(v), ()), check_unused=False
-    )
+    found = resolve_in_model(rules, variables, "base", model, check_unused=False)
     result: Rules = []
     for (layer, _, b), (mult, _) in zip(adapters, found):
         if not isinstance(mult, float):

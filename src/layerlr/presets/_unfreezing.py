@@ -7,6 +7,7 @@ from typing import Union
 
 import keras
 
+from layerlr.core import _keras
 from layerlr.core._optimizer import LayerwiseOptimizer
 
 LayerGroup = Union[keras.Layer, Sequence[keras.Layer]]
@@ -96,7 +97,7 @@ class GradualUnfreezing(keras.callbacks.Callback):
             for layer in group:
                 layer.trainable = i < count
                 if i < count and not self.unfreeze_batchnorm:
-                    for sub in [layer, *layer._flatten_layers(include_self=False)]:
+                    for sub in _keras.sublayers(layer):
                         if isinstance(sub, keras.layers.BatchNormalization):
                             sub.trainable = False
         self._unfrozen = count

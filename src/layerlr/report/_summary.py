@@ -20,9 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from layerlr.core import _hooks, _rules
-from layerlr.core._keras import layers_of_model
-from layerlr.core._optimizer import LayerwiseOptimizer, VariableMultipliers
+from layerlr.core import _keras, _rules
+from layerlr.core._optimizer import LayerwiseOptimizer, layerwise_optimizer_of
+from layerlr.core._resolution import Assignment, VariableMultipliers, value_now
 from layerlr.core._rules import Multiplier
 
 TRAINED = "trained"
@@ -98,41 +98,6 @@ def layers_in_depth_order(model: keras.Layer) -> list[keras.Layer]:
 # --- collecting the data -----------------------------------------------------------
 
 
-def layerwise_optimizer_of(
-    model: keras.Layer | None, optimizer=None
-) -> LayerwiseOptimizer:
-    """The LayerwiseOptimizer to report on, or a ValueError saying why there is none."""
-    if optimizer is None:
-        if model is None:
-            raise ValueError("Pass a model, an optimizer, or both.")
-        optimizer = getattr(model, "optimizer", None)
-        if optimizer is None:
-            raise ValueError(
-                f"The model {model.name!r} has no optimizer: it was not compiled, or "
-                "was saved without one. Compile it with a LayerwiseOptimizer, or pass "
-                "the optimizer: layerlr.summary(model, optimizer)."
-            )
-    if isinstance(optimizer, str):
-        optimizer = keras.optimizers.get(optimizer)
-    # mixed_float16 wraps us in a LossScaleOptimizer at compile time.
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    if isinstance(optimizer, LayerwiseOptimizer):
-        return optimizer
-    if isinstance(optimizer, keras.optimizers.Optimizer):
-        raise ValueError(
-            f"The optimizer is a plain {type(optimizer).__name__}, not a "
-            "LayerwiseOptimizer: every variable trains at its learning rate "
-            f"({_format_rate(_as_float(optimizer.learning_rate))}), with no per-layer "
-            "multipliers. Wrap it: layerlr.LayerwiseOptimizer("
-            f"keras.optimizers.{type(optimizer).__name__}(...), lr_mult={{...}})."
-        )
-    raise TypeError(
-        "Expected a keras.optimizers.Optimizer (a layerlr.LayerwiseOptimizer), got "
-        f"{optimizer!r} of type {type(optimizer).__name__}."
-    )
-
-
 def _check_model(model) -> None:
     if isinstance(model, keras.optimizers.Optimizer):
         raise TypeError(
@@ -160,19 +125,6 @@ def _is_schedule(value) -> bool:
     return isinstance(value, keras.optimizers.schedules.LearningRateSchedule)
 
 
-def multiplier_now(value: Multiplier, optimizer: LayerwiseOptimizer) -> float:
-    """A multiplier's value at the optimizer's step (schedules as the hook runs them)."""
-    return _as_float(value(optimizer.iterations)) if _is_schedule(value) else float(value)
-
-
-def _effective_decay(inner, variable, decay_mult: float) -> float | None:
-    base = _hooks._base_weight_decay(inner, variable)
-    if base is None:
-        # Excluded with exclude_from_weight_decay (0), or no decay at all (None).
-        return None if getattr(inner, "weight_decay", None) is None else 0.0
-    return float(base) * decay_mult
-
-
 def _variables_in_depth_order(model) -> list[tuple[Any, keras.Layer]]:
     """(variable, owning leaf layer) for every weight, shared weights once."""
     seen: set[int] = set()
@@ -187,10 +139,134 @@ def _variables_in_depth_order(model) -> list[tuple[Any, keras.Layer]]:
 
 def _created_trainable(model) -> set[int]:
     """Variables created trainable: those of a frozen layer become trainable again."""
-    ids: set[int] = set()
-    for layer in [model, *model._flatten_layers(include_self=False)]:
-        ids.update(id(v) for v in getattr(layer, "_trainable_variables", ()))
-    return ids
+    return {id(v) for layer in _keras.sublayers(model) for v in _keras.created_trainable(layer)}
+
+
+def _collect(optimizer, model=None) -> _Report:
+    if model is not None:
+        _check_model(model)
+    opt = layerwise_optimizer_of(model, optimizer)
+    assignments = opt.resolve(model)
+    by_id = {id(a.variable): a for a in assignments}
+    if model is None:
+        pairs = [(a.variable, None) for a in assignments]
+        non_trainable_params = 0
+    else:
+        everything = _variables_in_depth_order(model)
+        pairs = [(v, layer) for v, layer in everything if id(v) in by_id]
+        non_trainable_params = sum(_count(v) for v, _ in everything if id(v) not in by_id)
+    ordered = [by_id[id(v)] for v, _ in pairs]
+    names = _group_names(opt, [a.multipliers for a in ordered])
+    rows = [_row(a, layer, name) for a, (_, layer), name in zip(ordered, pairs, names)]
+    inner = opt.inner_optimizer
+    return _Report(
+        optimizer=opt,
+        built=_has_resolved(opt),
+        step=int(_as_float(opt.iterations)),
+        base_lr=_as_float(opt.learning_rate),
+        base_wd=getattr(inner, "weight_decay", None),
+        rows=rows,
+        non_trainable_params=non_trainable_params,
+        notes=_new_variable_notes(ordered) + _unused_rule_notes(opt, ordered),
+        group_multipliers={
+            name: a.multipliers.lr_mult
+            for a, name in zip(ordered, names)
+            if a.trained and a.multipliers is not None
+        },
+        variables=[a.variable for a in ordered],
+    )
+
+
+def _has_resolved(opt: LayerwiseOptimizer) -> bool:
+    """Whether the optimizer was built (it reads not `built` again after unfreezing)."""
+    try:
+        opt.multipliers
+    except ValueError:
+        return False
+    return True
+
+
+def _row(assignment: Assignment, layer, group: str | None) -> _Row:
+    path = assignment.path
+    if layer is None:
+        layer_name = path.rsplit("/", 2)[-2] if "/" in path else ""
+        layer_class = ""
+    else:
+        layer_name, layer_class = layer.name, type(layer).__name__
+    entry = assignment.multipliers
+    return _Row(
+        layer=layer_name,
+        layer_class=layer_class,
+        path=path,
+        shape=[int(d) for d in assignment.variable.shape],
+        params=_count(assignment.variable),
+        status=TRAINED if assignment.trained else FROZEN,
+        lr_mult=assignment.lr_mult,
+        decay_mult=assignment.decay_mult,
+        learning_rate=assignment.learning_rate,
+        weight_decay=assignment.weight_decay,
+        lr_rule=None if entry is None else entry.lr_rule,
+        decay_rule=None if entry is None else entry.decay_rule,
+        group=None if entry is None else group,
+        lr_mult_schedule=_schedule_text(entry.lr_mult) if entry else None,
+        decay_mult_schedule=_schedule_text(entry.decay_mult) if entry else None,
+    )
+
+
+def _new_variable_notes(assignments: Sequence[Assignment]) -> list[str]:
+    pending = [a.path for a in assignments if a.new]
+    if not pending:
+        return []
+    return [
+        f"{len(pending)} trainable variable(s) are new to the optimizer "
+        f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}), "
+        "e.g. unfrozen since it was built: they get the multipliers shown, from "
+        "the rules, when training resumes (Keras picks up a change of `trainable` "
+        "after compiling again or model.make_train_function(force=True))."
+    ]
+
+
+def _schedule_text(value: Multiplier) -> str | None:
+    """``FreezeThenWarmup(freeze_steps=100, ...)`` for a schedule, None for a number."""
+    if not _is_schedule(value):
+        return None
+    try:
+        config = value.get_config()
+    except NotImplementedError:
+        return type(value).__name__
+    args = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "name")
+    return f"{type(value).__name__}({args})"
+
+
+def _unused_rule_notes(opt: LayerwiseOptimizer, assignments: Sequence[Assignment]) -> list[str]:
+    notes = []
+    for kind, rules in (("lr_mult", opt.lr_rules), ("decay_mult", opt.decay_rules)):
+        entries = [(a.trained, a.multipliers) for a in assignments if a.multipliers is not None]
+        keys = [(trained, _rule_key(e, kind, rules)) for trained, e in entries]
+        deciding = {key for trained, key in keys if trained}
+        frozen_only = {key for trained, key in keys if not trained}
+        for i, rule in enumerate(rules):
+            if i in deciding:
+                continue
+            if i in frozen_only:
+                why = "it selects only frozen variables; it applies once they are unfrozen"
+            else:
+                why = (
+                    "every trainable variable it selects matched an earlier rule "
+                    "(the first matching rule wins)"
+                )
+            value = _schedule_text(rule.value) or f"{rule.value:g}"
+            notes.append(
+                f"The {kind} rule {rule.describe()} = {value} decides no trained variable: {why}."
+            )
+    return notes
+
+
+def _count(variable) -> int:
+    return int(math.prod(int(d) for d in variable.shape))
+
+
+# --- groups (shared with the callbacks and plots) ----------------------------------
 
 
 def _base_name(description: str) -> str:
@@ -219,256 +295,45 @@ def rule_group_names(opt: LayerwiseOptimizer) -> list[str]:
     distinct and do not depend on which variables a model has. ``default``
     is kept for the variables no rule matched.
     """
-    rules = opt._layerlr.lr_rules
-    return _dedupe([_base_name(r.describe()) for r in rules], {DEFAULT_GROUP})
+    return _dedupe([_base_name(r.describe()) for r in opt.lr_rules], {DEFAULT_GROUP})
 
 
-def _rule_keys(opt: LayerwiseOptimizer, variables: Sequence, entries: Sequence, model=None) -> list:
-    """The identity of the rule that decided each entry's lr_mult.
+def _rule_key(entry: VariableMultipliers, kind: str, rules) -> int | tuple | None:
+    """The rule that decided ``entry``'s ``kind``: its index, None for the default.
 
-    An index into ``opt._layerlr.lr_rules``, or None for the default. Entries
-    carry only the rule's description, so rules that print alike (two
-    lambdas, two layers of the same name) are told apart by resolving those
-    variables again against the rules, and, where that is impossible (rules
-    restored from a save that were functions), by the multiplier they gave.
+    Entries carry the rule's index. Those saved by layerlr 0.1.0 carry only
+    its description: they are matched by description, then by the multiplier
+    the rule gave; a rule the optimizer no longer has is ``("saved", description)``.
     """
-    rules = opt._layerlr.lr_rules
-    by_description: dict[str, list[int]] = {}
-    for i, rule in enumerate(rules):
-        by_description.setdefault(rule.describe(), []).append(i)
-    keys: list = [None] * len(entries)
-    ambiguous = []
-    for n, entry in enumerate(entries):
-        if entry is None or entry.lr_rule is None:
-            continue
-        candidates = by_description.get(entry.lr_rule)
-        if not candidates:
-            keys[n] = ("saved", entry.lr_rule)  # a rule the optimizer no longer has
-        elif len(candidates) == 1:
-            keys[n] = candidates[0]
-        else:
-            ambiguous.append(n)
-    if not ambiguous:
-        return keys
-    indexed = tuple(_rules.Rule(rule.selector, float(i)) for i, rule in enumerate(rules))
-    layers_of = None
-    model = model if model is not None else opt._layerlr.remembered_model()
-    if model is not None:
-        owners = layers_of_model(model)
-        layers_of = lambda v: owners.get(id(v), ())  # noqa: E731
-    for n in ambiguous:
-        entry = entries[n]
-        candidates = by_description[entry.lr_rule]
-        found = None
-        try:
-            ((value, description),) = _rules.resolve(
-                indexed, [variables[n]], "lr_mult", layers_of, check_unused=False
-            )
-            if description is not None and int(value) in candidates:
-                found = int(value)
-        except ValueError:  # e.g. a saved function, or a layer-type rule without the model
-            pass
-        if found is None:
-            wanted = _rules.multiplier_to_config(entry.lr_mult)
-            found = next(
-                (i for i in candidates if _rules.multiplier_to_config(rules[i].value) == wanted),
-                candidates[0],
-            )
-        keys[n] = found
-    return keys
+    lr = kind == "lr_mult"
+    description = entry.lr_rule if lr else entry.decay_rule
+    index = entry.lr_rule_index if lr else entry.decay_rule_index
+    if description is None:
+        return None
+    if index is not None and index < len(rules) and rules[index].describe() == description:
+        return index
+    candidates = [i for i, rule in enumerate(rules) if rule.describe() == description]
+    if not candidates:
+        return ("saved", description)
+    wanted = _rules.multiplier_to_config(entry.lr_mult if lr else entry.decay_mult)
+    return next((i for i in candidates if _rules.multiplier_to_config(rules[i].value) == wanted), candidates[0])
 
 
-def _key_names(opt: LayerwiseOptimizer, keys: Sequence) -> dict:
-    """``{rule key: group name}`` for the keys `_rule_keys` gave."""
+def _group_names(opt: LayerwiseOptimizer, entries: Sequence[VariableMultipliers | None]) -> list[str | None]:
+    """The learning-rate group of each entry (None for an entry that is None)."""
     rule_names = rule_group_names(opt)
     names: dict = {None: DEFAULT_GROUP}
     taken = {DEFAULT_GROUP, *rule_names}
-    for key in keys:
-        if key in names:
+    result: list[str | None] = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
             continue
-        if isinstance(key, int):
-            names[key] = rule_names[key]
-        else:
-            (names[key],) = _dedupe([_base_name(key[1])], taken)
-    return names
-
-
-def _known_entries(opt: LayerwiseOptimizer) -> dict[int, VariableMultipliers]:
-    """What the optimizer already resolved, by variable: index-aligned with its variables."""
-    resolved = opt._layerlr.resolved
-    if resolved is None:
-        return {}
-    return {id(v): e for v, e in zip(opt.inner_optimizer._trainable_variables, resolved)}
-
-
-def _collect(optimizer, model=None) -> _Report:
-    if model is not None:
-        _check_model(model)
-    opt = layerwise_optimizer_of(model, optimizer)
-    inner = opt.inner_optimizer
-    known = _known_entries(opt)
-    if model is None and not known:
-        raise ValueError(
-            "The optimizer is not built yet, so it cannot know the variables: pass "
-            "the model, layerlr.summary(model, optimizer) or optimizer.summary(model)."
-        )
-    notes: list[str] = []
-
-    if model is None:
-        pairs = [(v, None) for v in inner._trainable_variables]
-        trainable = [v for v, _ in pairs]
-        frozen_ids: set[int] = set()
-    else:
-        pairs = _variables_in_depth_order(model)
-        trainable = list(model.trainable_variables)
-        frozen_ids = _created_trainable(model) - {id(v) for v in trainable}
-    trainable_ids = {id(v) for v in trainable}
-
-    entries: dict[int, VariableMultipliers] = dict(known)
-    if not known:
-        # Resolve without building: building would create the optimizer state.
-        resolved, ordered = opt._resolve(trainable, model)
-        entries = {id(v): e for v, e in zip(ordered, resolved)}
-    # Variables the optimizer has not seen (unfrozen since it was built, or
-    # frozen all along) get what its next build gives them: the rules.
-    unseen = [v for v, _ in pairs if id(v) in trainable_ids | frozen_ids and id(v) not in entries]
-    if unseen:
-        seen = [v for v, _ in pairs if id(v) in entries] if model is not None else []
-        try:
-            fresh = opt._resolve_rules(seen + unseen, model)
-        except ValueError:
-            if any(id(v) in trainable_ids for v in unseen):
-                raise  # training would fail the same way
-            # Only frozen rows are affected (rules restored from a save can be
-            # bound to objects that are gone): they show no multiplier.
-            fresh = ()
-        entries.update((id(v), e) for v, e in zip(seen + unseen, fresh) if id(v) not in entries)
-        pending = [_path(v) for v in unseen if id(v) in trainable_ids and known]
-        if pending:
-            notes.append(
-                f"{len(pending)} trainable variable(s) are new to the optimizer "
-                f"({', '.join(pending[:3])}{', ...' if len(pending) > 3 else ''}), "
-                "e.g. unfrozen since it was built: they get the multipliers shown, from "
-                "the rules, when training resumes (Keras picks up a change of `trainable` "
-                "after compiling again or model.make_train_function(force=True))."
-            )
-
-    base_lr = _as_float(opt.learning_rate)
-    rows_data = []
-    non_trainable_params = 0
-    for variable, layer in pairs:
-        key = id(variable)
-        if key in trainable_ids:
-            status = TRAINED
-        elif key in frozen_ids:
-            status = FROZEN
-        else:
-            non_trainable_params += _count(variable)
-            continue
-        rows_data.append((variable, layer, status, entries.get(key)))
-
-    keys = _rule_keys(opt, [v for v, _, _, _ in rows_data], [e for _, _, _, e in rows_data], model)
-    names = _key_names(opt, keys)
-    rows = []
-    for (variable, layer, status, entry), key in zip(rows_data, keys):
-        path = _path(variable)
-        if layer is None:
-            layer_name = path.rsplit("/", 2)[-2] if "/" in path else ""
-            layer_class = ""
-        else:
-            layer_name, layer_class = layer.name, type(layer).__name__
-        lr_mult = decay_mult = None
-        if entry is not None:
-            lr_mult = multiplier_now(entry.lr_mult, opt)
-            decay_mult = multiplier_now(entry.decay_mult, opt)
-        trained = status == TRAINED
-        rows.append(
-            _Row(
-                layer=layer_name,
-                layer_class=layer_class,
-                path=path,
-                shape=[int(d) for d in variable.shape],
-                params=_count(variable),
-                status=status,
-                lr_mult=lr_mult,
-                decay_mult=decay_mult,
-                learning_rate=base_lr * lr_mult if trained else None,
-                weight_decay=_effective_decay(inner, variable, decay_mult) if trained else None,
-                lr_rule=None if entry is None else entry.lr_rule,
-                decay_rule=None if entry is None else entry.decay_rule,
-                group=None if entry is None else names[key],
-                lr_mult_schedule=_schedule_text(entry.lr_mult) if entry else None,
-                decay_mult_schedule=_schedule_text(entry.decay_mult) if entry else None,
-            )
-        )
-
-    notes.extend(_unused_rule_notes(opt, rows))
-    return _Report(
-        optimizer=opt,
-        built=bool(known),
-        step=int(_as_float(opt.iterations)),
-        base_lr=base_lr,
-        base_wd=getattr(inner, "weight_decay", None),
-        rows=rows,
-        non_trainable_params=non_trainable_params,
-        notes=notes,
-        group_multipliers={
-            names[key]: e.lr_mult
-            for (_, _, status, e), key in zip(rows_data, keys)
-            if status == TRAINED and e is not None
-        },
-        variables=[v for v, _, _, _ in rows_data],
-    )
-
-
-def _schedule_text(value: Multiplier) -> str | None:
-    """``FreezeThenWarmup(freeze_steps=100, ...)`` for a schedule, None for a number."""
-    if not _is_schedule(value):
-        return None
-    try:
-        config = value.get_config()
-    except NotImplementedError:
-        return type(value).__name__
-    args = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "name")
-    return f"{type(value).__name__}({args})"
-
-
-def _unused_rule_notes(opt: LayerwiseOptimizer, rows: list[_Row]) -> list[str]:
-    notes = []
-    state = opt._layerlr
-    for kind, rules, attr in (
-        ("lr_mult", state.lr_rules, "lr_rule"),
-        ("decay_mult", state.decay_rules, "decay_rule"),
-    ):
-        deciding = {getattr(r, attr) for r in rows if r.status == TRAINED}
-        frozen_only = {getattr(r, attr) for r in rows if r.status == FROZEN}
-        for rule in rules:
-            description = rule.describe()
-            if description in deciding:
-                continue
-            if description in frozen_only:
-                why = "it selects only frozen variables; it applies once they are unfrozen"
-            else:
-                why = (
-                    "every trainable variable it selects matched an earlier rule "
-                    "(the first matching rule wins)"
-                )
-            value = _schedule_text(rule.value) or f"{rule.value:g}"
-            notes.append(
-                f"The {kind} rule {description} = {value} decides no trained variable: {why}."
-            )
-    return notes
-
-
-def _path(variable) -> str:
-    return getattr(variable, "path", None) or variable.name
-
-
-def _count(variable) -> int:
-    return int(math.prod(int(d) for d in variable.shape))
-
-
-# --- groups (shared with the callbacks and plots) ----------------------------------
+        key = _rule_key(entry, "lr_mult", opt.lr_rules)
+        if key not in names:
+            names[key] = rule_names[key] if isinstance(key, int) else _dedupe([_base_name(key[1])], taken)[0]
+        result.append(names[key])
+    return result
 
 
 def lr_groups(optimizer) -> dict[str, list[VariableMultipliers]]:
@@ -479,17 +344,16 @@ def lr_groups(optimizer) -> dict[str, list[VariableMultipliers]]:
     told apart by identity, never by their printed description.
     """
     opt = layerwise_optimizer_of(None, optimizer)
-    entries = opt._layerlr.resolved
-    if entries is None:
+    try:
+        entries = [a.multipliers for a in opt.resolve()]
+    except ValueError:
         raise ValueError(
             "The optimizer is not built yet, so its groups are not known. Train, or "
             "call optimizer.build(model) first."
-        )
-    keys = _rule_keys(opt, opt.inner_optimizer._trainable_variables, entries)
-    names = _key_names(opt, keys)
+        ) from None
     groups: dict[str, list[VariableMultipliers]] = {}
-    for e, key in zip(entries, keys):
-        groups.setdefault(names[key], []).append(e)
+    for entry, name in zip(entries, _group_names(opt, entries)):
+        groups.setdefault(name, []).append(entry)
     return groups
 
 
@@ -501,7 +365,7 @@ def group_learning_rates(optimizer, base: float | None = None) -> dict[str, floa
     opt = layerwise_optimizer_of(None, optimizer)
     base = _as_float(opt.learning_rate) if base is None else float(base)
     return {
-        name: base * multiplier_now(members[0].lr_mult, opt)
+        name: base * value_now(members[0].lr_mult, opt.iterations)
         for name, members in lr_groups(opt).items()
     }
 
@@ -706,7 +570,7 @@ _DROP_ORDER = ("Shape", "Layer", "Params", "WD now")
 
 
 def _has_decay(report: _Report) -> bool:
-    return report.base_wd is not None or bool(report.optimizer._layerlr.decay_rules)
+    return report.base_wd is not None or bool(report.optimizer.decay_rules)
 
 
 def _columns(report: _Report) -> list[_Column]:
@@ -768,77 +632,106 @@ def _line(cells: Sequence[str], columns: Sequence[_Column], widths: Sequence[int
 
 
 def format_report(report: _Report, width: int) -> list[str]:
+    """The printed summary: a header, the table sized to ``width``, and a footer."""
+    footer = [
+        *_multiplier_totals(report),
+        *_schedule_notes(report),
+        *_parameter_totals(report),
+        *("WARNING: " + note for note in report.notes),
+    ]
+    return _wrapped(_header(report), width) + _table(report, width) + _wrapped(footer, width)
+
+
+def _header(report: _Report) -> list[str]:
     inner = report.optimizer.inner_optimizer
     state = "" if report.built else " (not built yet: multipliers resolved from the model)"
-    lines = [f"LayerwiseOptimizer({type(inner).__name__}) at step {report.step}{state}"]
-    schedule = getattr(inner, "_learning_rate", None)
-    kind = (
-        f" ({type(schedule).__name__})"
-        if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule)
-        else ""
-    )
+    schedule = _keras.learning_rate_schedule(inner)
+    kind = f" ({type(schedule).__name__})" if schedule is not None else ""
     decay = "no weight decay" if report.base_wd is None else f"weight decay {report.base_wd:.3g}"
-    lines.append(f"base learning rate {_format_rate(report.base_lr)}{kind}, {decay}")
+    return [
+        f"LayerwiseOptimizer({type(inner).__name__}) at step {report.step}{state}",
+        f"base learning rate {_format_rate(report.base_lr)}{kind}, {decay}",
+    ]
 
+
+def _table(report: _Report, width: int) -> list[str]:
     columns = _columns(report)
     cells = _cells(report, columns)
     columns, cells, widths = _fit_columns(columns, cells, width)
     rule = "-" * min(width, sum(widths) + 2 * (len(widths) - 1))
-    table = [_line([c.header for c in columns], columns, widths), rule]
-    table += [_line(line, columns, widths) for line in cells]
-    table.append(rule)
-    footer = []
+    return [
+        _line([c.header for c in columns], columns, widths),
+        rule,
+        *(_line(line, columns, widths) for line in cells),
+        rule,
+    ]
 
-    trained = [r for r in report.rows if r.status == TRAINED]
+
+def _multiplier_totals(report: _Report) -> list[str]:
+    """Parameters per distinct multiplier (pair), with the learning rate each gives."""
     with_decay = _has_decay(report)
     groups: dict[tuple, list[_Row]] = {}
-    for r in trained:
+    for r in report.rows:
+        if r.status != TRAINED:
+            continue
         lr_key = (r.lr_mult, r.lr_mult_schedule)
         key = (lr_key, (r.decay_mult, r.decay_mult_schedule)) if with_decay else (lr_key,)
         groups.setdefault(key, []).append(r)
-    if groups:
-        kind = "(lr_mult, decay_mult)" if with_decay else "(lr_mult)"
-        footer.append(f"Parameters per multiplier {kind}:")
-        for key, members in groups.items():
-            params = sum(r.params for r in members)
-            plural = "s" if len(members) != 1 else ""
-            lr_mult = key[0][0]
-            text = (
-                f"{', '.join(_mult_text(*m) for m in key)}: {params:,} params in "
-                f"{len(members)} variable{plural}, learning rate "
-                f"{_format_rate(report.base_lr * lr_mult)}"
-            )
-            if lr_mult == 0.0:
-                text += " (NOT UPDATED: lr_mult 0" + (" now)" if key[0][1] else ")")
-            footer.append("  " + text)
+    if not groups:
+        return []
+    lines = [f"Parameters per multiplier {'(lr_mult, decay_mult)' if with_decay else '(lr_mult)'}:"]
+    for key, members in groups.items():
+        params = sum(r.params for r in members)
+        plural = "s" if len(members) != 1 else ""
+        lr_mult = key[0][0]
+        text = (
+            f"{', '.join(_mult_text(*m) for m in key)}: {params:,} params in "
+            f"{len(members)} variable{plural}, learning rate "
+            f"{_format_rate(report.base_lr * lr_mult)}"
+        )
+        if lr_mult == 0.0:
+            text += " (NOT UPDATED: lr_mult 0" + (" now)" if key[0][1] else ")")
+        lines.append("  " + text)
+    return lines
+
+
+def _schedule_notes(report: _Report) -> list[str]:
     schedules = {}
     for r in report.rows:
         for rule, schedule in ((r.lr_rule, r.lr_mult_schedule), (r.decay_rule, r.decay_mult_schedule)):
             if schedule:
                 schedules.setdefault((rule, schedule), None)
-    if schedules:
-        footer.append(f"* scheduled multiplier, its value at step {report.step}:")
-        footer += [f"  {rule}: {schedule}" for rule, schedule in schedules]
-    total = sum(r.params for r in trained)
-    footer.append(f"Trainable: {total:,} params in {len(trained)} variables.")
+    if not schedules:
+        return []
+    return [f"* scheduled multiplier, its value at step {report.step}:"] + [
+        f"  {rule}: {schedule}" for rule, schedule in schedules
+    ]
+
+
+def _parameter_totals(report: _Report) -> list[str]:
+    trained = [r for r in report.rows if r.status == TRAINED]
+    lines = [f"Trainable: {sum(r.params for r in trained):,} params in {len(trained)} variables."]
     frozen = [r for r in report.rows if r.status == FROZEN]
     if frozen:
         frozen_layers = sorted({r.layer for r in frozen})
         shown = ", ".join(frozen_layers[:5]) + (", ..." if len(frozen_layers) > 5 else "")
-        footer.append(
+        lines.append(
             f"FROZEN (trainable=False): {sum(r.params for r in frozen):,} params in "
             f"{len(frozen_layers)} layer{'s' if len(frozen_layers) != 1 else ''} ({shown}); "
             "not trained."
         )
     if report.non_trainable_params:
-        footer.append(
+        lines.append(
             f"Non-trainable state (not listed, e.g. BatchNorm statistics): "
             f"{report.non_trainable_params:,} params."
         )
-    footer += ["WARNING: " + note for note in report.notes]
-    wrap = lambda line: textwrap.wrap(  # noqa: E731
-        line, width=max(width, 40), subsequent_indent=" " * (len(line) - len(line.lstrip()) + 4)
-    ) or [""]
-    return [w for line in lines for w in wrap(line)] + table + [
-        w for line in footer for w in wrap(line)
-    ]
+    return lines
+
+
+def _wrapped(lines: Sequence[str], width: int) -> list[str]:
+    """Lines wrapped to ``width``; continuation lines indented under their text."""
+    wrapped = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        wrapped += textwrap.wrap(line, width=max(width, 40), subsequent_indent=indent) or [""]
+    return wrapped

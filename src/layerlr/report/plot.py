@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from layerlr.core import _keras
 from layerlr.report import _summary
 
 __all__ = ["history", "learning_rates", "schedule", "update_ratios"]
@@ -226,8 +227,8 @@ def schedule(
     report = _summary._collect(opt, model)
     grid = np.unique(np.linspace(0, steps, num=min(steps + 1, 200)).round().astype(int))
     inner = opt.inner_optimizer
-    base_value = getattr(inner, "_learning_rate", None)
-    if not isinstance(base_value, keras.optimizers.schedules.LearningRateSchedule):
+    base_value = _keras.learning_rate_schedule(inner)
+    if base_value is None:
         base_value = _summary._as_float(inner.learning_rate)
     base = _curve(base_value, grid)
     kind = type(base_value).__name__ if not isinstance(base_value, float) else "constant"
@@ -324,7 +325,7 @@ REFERENCE_BAND = (3e-4, 3e-3)
 
 def _update_series(source) -> tuple[dict, str]:
     """(the logged columns, "step" or "epoch") from whatever the user has."""
-    from layerlr.callbacks import UpdateLogger
+    from layerlr.report.callbacks import UpdateLogger
 
     if isinstance(source, UpdateLogger):
         return source.history, "step"
