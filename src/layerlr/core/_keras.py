@@ -136,14 +136,25 @@ def find_model(variables) -> keras.Layer | None:
     and `load_model` all build the optimizer from inside a model method.
     """
     wanted = {id(v) for v in variables}
-    frame = inspect.currentframe()
+    return caller_self(
+        lambda owner: isinstance(owner, keras.Layer) and wanted <= {id(w) for w in owner.weights},
+        depth=30,
+    )
+
+
+def caller_self(accept, depth: int):
+    """The first ``self`` among the callers (up to ``depth`` frames up) that ``accept`` takes."""
+    # Keras: the call stack: optimizers are built from a model method; CallbackList
+    #   calls callbacks (checked with 3.15.1 and 3.16 nightly). Caught by:
+    #   tests/test_rules.py, tests/test_summary.py::test_logger_writes_tensorboard_scalars_in_either_order.
+    frame = inspect.currentframe().f_back
     try:
-        for _ in range(30):
+        for _ in range(depth):
             frame = frame.f_back if frame is not None else None
             if frame is None:
                 return None
             owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.Layer) and wanted <= {id(w) for w in owner.weights}:
+            if owner is not None and accept(owner):
                 return owner
     finally:
         del frame
@@ -171,6 +182,55 @@ ONCE_PER_STEP_STATE = {"_u_product": _nadam_momentum_product_step}
 
 # Keras: torch: TorchParallelOptimizer._parallel_update_step (fused built-ins) (checked with
 #   3.15.1 and 3.16 nightly). Caught by: tests/test_torch_backend.py.
+
+
+def torch_foreach():
+    """torch's fused multi-tensor ops by short name: ``mul_`` is ``torch._foreach_mul_``."""
+    import torch
+
+    return _TorchForeach(torch)
+
+
+class _TorchForeach:
+    # torch: the torch._foreach_* ops with ScalarList overloads (torch 2.13.0), as Keras'
+    # fused torch optimizers call them. Caught by: tests/test_torch_backend.py.
+    def __init__(self, torch):
+        self._torch = torch
+
+    def __getattr__(self, name):
+        # Looked up at each use, as a direct `torch._foreach_mul_` call would be.
+        if name not in _FOREACH_OPS:
+            raise AttributeError(f"not one of the foreach ops layerlr uses: {name!r}")
+        return getattr(self._torch, f"_foreach_{name}")
+
+
+_FOREACH_OPS = ("abs", "add", "add_", "div", "maximum_", "mul", "mul_", "sqrt", "sqrt_")
+
+
+def torch_fused_optimizer_classes() -> dict:
+    """The nine fused optimizers Keras swaps in on torch, by Keras' class name."""
+    # Keras: torch: TorchParallelOptimizer._parallel_update_step (fused built-ins), in
+    #   keras.src.backend.torch.optimizers (checked with 3.15.1 and 3.16 nightly). Caught by:
+    #   tests/test_torch_backend.py.
+    from keras.src.backend.torch.optimizers import (
+        torch_adadelta, torch_adagrad, torch_adam, torch_adamax, torch_adamw,
+        torch_lion, torch_nadam, torch_rmsprop, torch_sgd,
+    )
+
+    classes = (torch_adadelta.Adadelta, torch_adagrad.Adagrad, torch_adam.Adam, torch_adamw.AdamW,
+               torch_adamax.Adamax, torch_lion.Lion, torch_nadam.Nadam, torch_rmsprop.RMSprop,
+               torch_sgd.SGD)
+    return {cls.__name__: cls for cls in classes}
+
+
+def is_the_class_fused_step(inner, fused_step) -> bool:
+    """Whether ``fused_step`` is ``inner``'s class's own `_parallel_update_step` (not replaced)."""
+    return getattr(fused_step, "__func__", None) is type(inner)._parallel_update_step
+
+
+def nadam_product(state):
+    """Nadam's momentum product: of the optimizer, or of a start step's copy (a dict)."""
+    return state["_u_product"] if isinstance(state, dict) else state._u_product
 
 
 def torch_compiling() -> bool:

@@ -3,8 +3,8 @@
 Each function mirrors ``keras/src/backend/torch/optimizers/torch_<name>.py``
 (checked: Keras 3.15.1) operation for operation, except that every scalar that
 depends on the learning rate or on the step count is a list with one Python
-float per tensor (``torch._foreach_*`` "ScalarList" overloads). That lets one
-fused call per operation update variables with different multipliers and
+float per tensor (``torch._foreach_*`` "ScalarList" overloads, reached through
+`_keras.torch_foreach`). That lets one fused call per operation update variables with different multipliers and
 different start steps, where Keras' own step takes one rate and one step count.
 
 The per-tensor scalars are computed on the host in float32, once per distinct
@@ -26,6 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from keras import ops
+
+from layerlr.core import _keras
+
+foreach = _keras.torch_foreach()
 
 ONE = np.float32(1.0)
 
@@ -64,10 +68,10 @@ def _adam_moments(inner, indices, grads):
     """Adam's and Nadam's moment updates, as Keras' fused steps write them."""
     m_list = _slots(inner, "_momentums", indices)
     v_list = _slots(inner, "_velocities", indices)
-    torch._foreach_mul_(m_list, inner.beta_1)
-    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_1)
-    torch._foreach_mul_(v_list, inner.beta_2)
-    torch._foreach_add_(v_list, torch._foreach_mul(grads, grads), alpha=1 - inner.beta_2)
+    foreach.mul_(m_list, inner.beta_1)
+    foreach.add_(m_list, grads, alpha=1 - inner.beta_1)
+    foreach.mul_(v_list, inner.beta_2)
+    foreach.add_(v_list, foreach.mul(grads, grads), alpha=1 - inner.beta_2)
     return m_list, v_list
 
 def _scalar(value, dtype):
@@ -97,13 +101,13 @@ def adam(inner, grads, values, indices, rates, starts, iterations, late_state, d
     m_list, v_list = _adam_moments(inner, indices, grads)
     if inner.amsgrad:
         v_hat_list = _slots(inner, "_velocity_hats", indices)
-        torch._foreach_maximum_(v_hat_list, v_list)
+        foreach.maximum_(v_hat_list, v_list)
         v_list = v_hat_list
-    torch._foreach_add_(
+    foreach.add_(
         values,
-        torch._foreach_div(
-            torch._foreach_mul(m_list, alphas),
-            torch._foreach_add(torch._foreach_sqrt(v_list), inner.epsilon),
+        foreach.div(
+            foreach.mul(m_list, alphas),
+            foreach.add(foreach.sqrt(v_list), inner.epsilon),
         ),
         alpha=-1,
     )
@@ -119,15 +123,15 @@ def adamax(inner, grads, values, indices, rates, starts, iterations, late_state,
 
     m_list = _slots(inner, "_m", indices)
     u_list = _slots(inner, "_u", indices)
-    torch._foreach_mul_(m_list, inner.beta_1)
-    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_1)
-    torch._foreach_mul_(u_list, inner.beta_2)
-    torch._foreach_maximum_(u_list, torch._foreach_abs(grads))
-    torch._foreach_add_(
+    foreach.mul_(m_list, inner.beta_1)
+    foreach.add_(m_list, grads, alpha=1 - inner.beta_1)
+    foreach.mul_(u_list, inner.beta_2)
+    foreach.maximum_(u_list, foreach.abs(grads))
+    foreach.add_(
         values,
-        torch._foreach_div(
-            torch._foreach_mul(m_list, _floats(rates)),
-            torch._foreach_mul(torch._foreach_add(u_list, inner.epsilon), _per_start(starts, correction)),
+        foreach.div(
+            foreach.mul(m_list, _floats(rates)),
+            foreach.mul(foreach.add(u_list, inner.epsilon), _per_start(starts, correction)),
         ),
         alpha=-1,
     )
@@ -136,7 +140,7 @@ def adamax(inner, grads, values, indices, rates, starts, iterations, late_state,
 def nadam(inner, grads, values, indices, rates, starts, iterations, late_state, dtype):
     # The momentum product advances once per step for every start step
     # (trained this step or not), from the start step's own count.
-    products = {0: inner._u_product, **{s: state["_u_product"] for s, state in late_state.items()}}
+    products = {0: _keras.nadam_product(inner), **{s: _keras.nadam_product(state) for s, state in late_state.items()}}
     scalars = {}
     for start, product in products.items():
         local = iterations - start
@@ -167,16 +171,16 @@ def nadam(inner, grads, values, indices, rates, starts, iterations, late_state, 
     )
 
     m_list, v_list = _adam_moments(inner, indices, grads)
-    m_hat_list = torch._foreach_add(
-        torch._foreach_div(torch._foreach_mul(m_list, u_t_1), one_minus_product_1),
-        torch._foreach_div(torch._foreach_mul(grads, one_minus_u_t), one_minus_product),
+    m_hat_list = foreach.add(
+        foreach.div(foreach.mul(m_list, u_t_1), one_minus_product_1),
+        foreach.div(foreach.mul(grads, one_minus_u_t), one_minus_product),
     )
-    v_hat_list = torch._foreach_div(v_list, one_minus_beta_2_power)
-    torch._foreach_add_(
+    v_hat_list = foreach.div(v_list, one_minus_beta_2_power)
+    foreach.add_(
         values,
-        torch._foreach_div(
-            torch._foreach_mul(m_hat_list, _floats(rates)),
-            torch._foreach_add(torch._foreach_sqrt(v_hat_list), inner.epsilon),
+        foreach.div(
+            foreach.mul(m_hat_list, _floats(rates)),
+            foreach.add(foreach.sqrt(v_hat_list), inner.epsilon),
         ),
         alpha=-1,
     )
@@ -188,36 +192,36 @@ def adadelta(inner, grads, values, indices, rates, starts, iterations, late_stat
     rho = inner.rho
     accumulated_grads = _slots(inner, "_accumulated_grads", indices)
     accumulated_delta_vars = _slots(inner, "_accumulated_delta_vars", indices)
-    torch._foreach_mul_(accumulated_grads, rho)
-    torch._foreach_add_(accumulated_grads, torch._foreach_mul(grads, grads), alpha=1 - rho)
+    foreach.mul_(accumulated_grads, rho)
+    foreach.add_(accumulated_grads, foreach.mul(grads, grads), alpha=1 - rho)
 
     def rms(x):
-        return torch._foreach_sqrt(torch._foreach_add(x, inner.epsilon))
+        return foreach.sqrt(foreach.add(x, inner.epsilon))
 
-    delta_vars = torch._foreach_mul(
-        torch._foreach_div(torch._foreach_mul(rms(accumulated_delta_vars), grads), rms(accumulated_grads)),
+    delta_vars = foreach.mul(
+        foreach.div(foreach.mul(rms(accumulated_delta_vars), grads), rms(accumulated_grads)),
         -1,
     )
-    torch._foreach_mul_(accumulated_delta_vars, rho)
-    torch._foreach_add_(accumulated_delta_vars, torch._foreach_mul(delta_vars, delta_vars), alpha=1 - rho)
+    foreach.mul_(accumulated_delta_vars, rho)
+    foreach.add_(accumulated_delta_vars, foreach.mul(delta_vars, delta_vars), alpha=1 - rho)
     # Keras: _foreach_add_(variables, delta_vars, alpha=lr)
     single = _single(rates)
     if single is not None:
-        torch._foreach_add_(values, delta_vars, alpha=single)
+        foreach.add_(values, delta_vars, alpha=single)
     else:
-        torch._foreach_add_(values, torch._foreach_mul(delta_vars, _floats(rates)))
+        foreach.add_(values, foreach.mul(delta_vars, _floats(rates)))
 
 
 def adagrad(inner, grads, values, indices, rates, starts, iterations, late_state, dtype):
     if not values:
         return
     accumulators = _slots(inner, "_accumulators", indices)
-    torch._foreach_add_(accumulators, torch._foreach_mul(grads, grads))
-    torch._foreach_add_(
+    foreach.add_(accumulators, foreach.mul(grads, grads))
+    foreach.add_(
         values,
-        torch._foreach_div(
-            torch._foreach_mul(grads, _floats(rates)),
-            torch._foreach_sqrt(torch._foreach_add(accumulators, inner.epsilon)),
+        foreach.div(
+            foreach.mul(grads, _floats(rates)),
+            foreach.sqrt(foreach.add(accumulators, inner.epsilon)),
         ),
         alpha=-1,
     )
@@ -227,12 +231,12 @@ def lion(inner, grads, values, indices, rates, starts, iterations, late_state, d
     if not values:
         return
     m_list = _slots(inner, "_momentums", indices)
-    c_t = torch._foreach_mul(m_list, inner.beta_1)
-    torch._foreach_add_(c_t, grads, alpha=1 - inner.beta_1)
+    c_t = foreach.mul(m_list, inner.beta_1)
+    foreach.add_(c_t, grads, alpha=1 - inner.beta_1)
     c_t = [c.sign() for c in c_t]
-    torch._foreach_add_(values, torch._foreach_mul(c_t, _floats(rates)), alpha=-1)
-    torch._foreach_mul_(m_list, inner.beta_2)
-    torch._foreach_add_(m_list, grads, alpha=1 - inner.beta_2)
+    foreach.add_(values, foreach.mul(c_t, _floats(rates)), alpha=-1)
+    foreach.mul_(m_list, inner.beta_2)
+    foreach.add_(m_list, grads, alpha=1 - inner.beta_2)
 
 
 def rmsprop(inner, grads, values, indices, rates, starts, iterations, late_state, dtype):
@@ -240,23 +244,23 @@ def rmsprop(inner, grads, values, indices, rates, starts, iterations, late_state
         return
     rho = inner.rho
     velocities = _slots(inner, "_velocities", indices)
-    torch._foreach_mul_(velocities, rho)
-    torch._foreach_add_(velocities, torch._foreach_mul(grads, grads), alpha=1 - rho)
-    denominators = torch._foreach_add(velocities, inner.epsilon)
+    foreach.mul_(velocities, rho)
+    foreach.add_(velocities, foreach.mul(grads, grads), alpha=1 - rho)
+    denominators = foreach.add(velocities, inner.epsilon)
     if inner.centered:
         average_grads = _slots(inner, "_average_gradients", indices)
-        torch._foreach_mul_(average_grads, rho)
-        torch._foreach_add_(average_grads, grads, alpha=1 - rho)
-        torch._foreach_add_(denominators, torch._foreach_mul(average_grads, average_grads), alpha=-1)
-    torch._foreach_sqrt_(denominators)
-    increments = torch._foreach_div(torch._foreach_mul(grads, _floats(rates)), denominators)
+        foreach.mul_(average_grads, rho)
+        foreach.add_(average_grads, grads, alpha=1 - rho)
+        foreach.add_(denominators, foreach.mul(average_grads, average_grads), alpha=-1)
+    foreach.sqrt_(denominators)
+    increments = foreach.div(foreach.mul(grads, _floats(rates)), denominators)
     if inner.momentum > 0:
         momentum_list = _slots(inner, "_momentums", indices)
-        torch._foreach_mul_(momentum_list, inner.momentum)
-        torch._foreach_add_(momentum_list, increments)
-        torch._foreach_add_(values, momentum_list, alpha=-1)
+        foreach.mul_(momentum_list, inner.momentum)
+        foreach.add_(momentum_list, increments)
+        foreach.add_(values, momentum_list, alpha=-1)
     else:
-        torch._foreach_add_(values, increments, alpha=-1)
+        foreach.add_(values, increments, alpha=-1)
 
 
 def sgd(inner, grads, values, indices, rates, starts, iterations, late_state, dtype):
@@ -265,45 +269,33 @@ def sgd(inner, grads, values, indices, rates, starts, iterations, late_state, dt
     single = _single(rates)
     if single is not None:
         def add_step(targets):  # Keras: alpha=-learning_rate
-            torch._foreach_add_(targets, grads, alpha=-single)
+            foreach.add_(targets, grads, alpha=-single)
     else:
-        steps = torch._foreach_mul(grads, _floats(-rate for rate in rates))
+        steps = foreach.mul(grads, _floats(-rate for rate in rates))
 
         def add_step(targets):
-            torch._foreach_add_(targets, steps)
+            foreach.add_(targets, steps)
 
     if inner.momentum != 0:
         bufs = [inner.momentums[i].value for i in indices]
         for i in range(len(bufs)):
             if bufs[i] is None:
                 bufs[i] = torch.clone(grads[i]).detach()
-        torch._foreach_mul_(bufs, inner.momentum)
+        foreach.mul_(bufs, inner.momentum)
         add_step(bufs)
         if inner.nesterov:
             add_step(values)
-            torch._foreach_add_(values, bufs, alpha=inner.momentum)
+            foreach.add_(values, bufs, alpha=inner.momentum)
         else:
-            torch._foreach_add_(values, bufs)
+            foreach.add_(values, bufs)
     else:
         add_step(values)
 
 
-def _steps_by_class() -> dict:
-    from keras.src.backend.torch.optimizers import (
-        torch_adadelta, torch_adagrad, torch_adam, torch_adamax, torch_adamw,
-        torch_lion, torch_nadam, torch_rmsprop, torch_sgd,
-    )
-
+def _steps_by_class_name() -> dict:
     return {
-        torch_adadelta.Adadelta: adadelta,
-        torch_adagrad.Adagrad: adagrad,
-        torch_adam.Adam: adam,
-        torch_adamw.AdamW: adam,
-        torch_adamax.Adamax: adamax,
-        torch_lion.Lion: lion,
-        torch_nadam.Nadam: nadam,
-        torch_rmsprop.RMSprop: rmsprop,
-        torch_sgd.SGD: sgd,
+        "Adadelta": adadelta, "Adagrad": adagrad, "Adam": adam, "AdamW": adam, "Adamax": adamax,
+        "Lion": lion, "Nadam": nadam, "RMSprop": rmsprop, "SGD": sgd,
     }
 
 
@@ -314,7 +306,8 @@ def step_for(inner, fused_step):
     subclass may change the update, and an instance whose
     ``_parallel_update_step`` was replaced asked for that one.
     """
-    step = _steps_by_class().get(type(inner))
-    if step is None or getattr(fused_step, "__func__", None) is not type(inner)._parallel_update_step:
+    classes = _keras.torch_fused_optimizer_classes()
+    step = next((_steps_by_class_name()[name] for name, cls in classes.items() if type(inner) is cls), None)
+    if step is None or not _keras.is_the_class_fused_step(inner, fused_step):
         return None
     return step
