@@ -722,6 +722,21 @@ def resolve(
     ``variables`` nor of the ``frozen`` ones (whose multiplier applies once
     they are unfrozen).
     """
+    _require_layers_for_layer_types(rules, kind, layers_of)
+    variables = list(variables)
+    frozen = list(frozen) if check_unused else []
+    context = _Context(layers_of, variables + frozen)
+    compiled = [rule.selector._compile(context) for rule in rules]
+    winners = _first_matches(rules, compiled, variables)
+    if check_unused:
+        _check_every_rule_selects_something(
+            rules, compiled, winners, variables, frozen, kind, layers_of, model_weights)
+    # The last entry is the outcome of winner len(rules): no rule matched.
+    outcomes = [(rule.value, i) for i, rule in enumerate(rules)] + [(1.0, None)]
+    return [outcomes[winner] for winner in winners]
+
+
+def _require_layers_for_layer_types(rules, kind: str, layers_of) -> None:
     if layers_of is None and any(r.selector.needs_layers for r in rules):
         raise ValueError(
             f"The {kind} rule(s) "
@@ -730,10 +745,10 @@ def resolve(
             "model.fit / train_on_batch, or build the optimizer with "
             "`optimizer.build(model)` before a custom training loop."
         )
-    variables = list(variables)
-    frozen = list(frozen) if check_unused else []
-    context = _Context(layers_of, variables + frozen)
-    compiled = [rule.selector._compile(context) for rule in rules]
+
+
+def _first_matches(rules, compiled, variables: list) -> list[int]:
+    """Per variable, the index of the first rule that matches it; ``len(rules)`` if none."""
     n_rules = len(rules)
     # Rules decided by set membership are settled for every variable up
     # front, first rule first; the per-variable loop below then tries only
@@ -745,9 +760,7 @@ def resolve(
                 first_by_id.setdefault(variable_id, i)
     tests = _per_variable_tests(compiled)
     first_test = tests[0][0] if tests else n_rules
-    values = [rule.value for rule in rules]
-    result: list[tuple[Multiplier, int | None]] = []
-    used = [False] * n_rules
+    winners = []
     for variable in variables:
         winner = first_by_id.get(id(variable), n_rules)
         if first_test < winner:
@@ -776,81 +789,120 @@ def resolve(
                 if isinstance(selector, _Predicate):
                     raise selector.error(error, variable) from error
                 raise
-        if winner < n_rules:
-            result.append((values[winner], winner))
-            used[winner] = True
-        else:
-            result.append((1.0, None))
-    if check_unused and not all(used):
-        matchers = [_matcher(rule.selector, test_kind, test, layers_of)
-                    for rule, (test_kind, test) in zip(rules, compiled)]
-        for i, rule in enumerate(rules):
-            if not used[i] and not any(matchers[i](v) for v in frozen):
-                _raise_if_selects_nothing(rule, rules, variables, kind, matchers, model_weights)
-    return result
+        winners.append(winner)
+    return winners
 
 
-def _raise_if_selects_nothing(
-    rule: Rule, rules, variables, kind: str, matchers: list, model_weights=None
+# --- rules that select nothing -------------------------------------------------
+# Checked only after resolving, and only for the rules no variable took: the
+# common case, every rule used, costs nothing.
+
+# `warnings.warn` from `_warn_shadowed` names the caller of resolve's caller:
+# _warn_shadowed <- _check_rule_selects_something <-
+# _check_every_rule_selects_something <- resolve <- caller <- its caller.
+_SHADOWED_STACKLEVEL = 6
+
+
+def _check_every_rule_selects_something(
+    rules, compiled, winners, variables, frozen, kind: str, layers_of, model_weights
 ) -> None:
+    used = set(winners)
+    if all(i in used for i in range(len(rules))):
+        return
+    matchers = [_matcher(rule.selector, test_kind, test, layers_of)
+                for rule, (test_kind, test) in zip(rules, compiled)]
+    for i, rule in enumerate(rules):
+        if i not in used and not any(matchers[i](v) for v in frozen):
+            _check_rule_selects_something(i, rules, variables, kind, matchers, model_weights)
+
+
+def _check_rule_selects_something(
+    index: int, rules, variables, kind: str, matchers: list, model_weights=None
+) -> None:
+    """For a rule that won no variable: an error, or a warning if it is only shadowed."""
+    rule = rules[index]
     own = rule.selector.own_variables()
     if own:
         # A frozen layer still counts: its multiplier applies once it is unfrozen.
         if model_weights is not None and not any(id(v) in model_weights for v in own):
-            example = (
-                f"model.get_layer({rule.selector.layer.name!r})"
-                if isinstance(rule.selector, _LayerInstance) else "model.get_layer(name)"
-            )
-            raise ValueError(
-                f"The {kind} rule {rule.describe()} selects no variable of the model "
-                "being trained: it is not part of the model (is it from another model, "
-                "e.g. the original of keras.models.clone_model?). Select the layer of "
-                f"the model you train, e.g. {example}."
-            )
+            _raise_not_in_model(rule, kind)
         return
     if own is not None:
-        raise ValueError(
-            f"The {kind} rule {rule.describe()} selects no variable: the layer has "
-            "no weights yet. Build the model (call it on data or use "
-            "model.build(input_shape)) before building the optimizer."
-        )
-    matches = matchers[next(i for i, r in enumerate(rules) if r is rule)]
-    shadowed = next((v for v in variables if matches(v)), None)
+        _raise_unbuilt_layer(rule, kind)
+    shadowed = next((v for v in variables if matchers[index](v)), None)
     if shadowed is not None:
         # Legitimate when composing rule lists (first match wins), so not an error.
-        winner = next(r for r, m in zip(rules, matchers) if m(shadowed))
-        warnings.warn(
-            f"layerlr: the {kind} rule {rule.describe()} never applies: every "
-            f"variable it selects (e.g. {variable_path(shadowed)!r}) is taken by the "
-            f"earlier rule {winner.describe()} (first match wins). Put the more "
-            "specific rule first if that is not what you meant.",
-            stacklevel=4,
-        )
+        _warn_shadowed(rule, shadowed, rules, matchers, kind)
         return
     if not variables:
-        raise ValueError(
-            f"The {kind} rule {rule.describe()} selects nothing: there are no "
-            "trainable variables yet. Build the model first (call it on a batch, or "
-            "model.build(input_shape)), or let model.fit build it."
-        )
+        _raise_no_variables_yet(rule, kind)
+    _raise_matches_nothing(rule, variables, kind)
+
+
+def _raise_not_in_model(rule: Rule, kind: str) -> None:
+    example = (
+        f"model.get_layer({rule.selector.layer.name!r})"
+        if isinstance(rule.selector, _LayerInstance) else "model.get_layer(name)"
+    )
+    raise ValueError(
+        f"The {kind} rule {rule.describe()} selects no variable of the model "
+        "being trained: it is not part of the model (is it from another model, "
+        "e.g. the original of keras.models.clone_model?). Select the layer of "
+        f"the model you train, e.g. {example}."
+    )
+
+
+def _raise_unbuilt_layer(rule: Rule, kind: str) -> None:
+    raise ValueError(
+        f"The {kind} rule {rule.describe()} selects no variable: the layer has "
+        "no weights yet. Build the model (call it on data or use "
+        "model.build(input_shape)) before building the optimizer."
+    )
+
+
+def _warn_shadowed(rule: Rule, shadowed, rules, matchers: list, kind: str) -> None:
+    winner = next(r for r, m in zip(rules, matchers) if m(shadowed))
+    warnings.warn(
+        f"layerlr: the {kind} rule {rule.describe()} never applies: every "
+        f"variable it selects (e.g. {variable_path(shadowed)!r}) is taken by the "
+        f"earlier rule {winner.describe()} (first match wins). Put the more "
+        "specific rule first if that is not what you meant.",
+        stacklevel=_SHADOWED_STACKLEVEL,
+    )
+
+
+def _raise_no_variables_yet(rule: Rule, kind: str) -> None:
+    raise ValueError(
+        f"The {kind} rule {rule.describe()} selects nothing: there are no "
+        "trainable variables yet. Build the model first (call it on a batch, or "
+        "model.build(input_shape)), or let model.fit build it."
+    )
+
+
+def _raise_matches_nothing(rule: Rule, variables, kind: str) -> None:
     paths = [variable_path(v) for v in variables]
+    shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
+    raise ValueError(
+        f"The {kind} rule {rule.describe()} matches none of the {len(paths)} "
+        f"trainable variables ({shown}).{_glob_hints(rule.selector, paths)} Fix the "
+        "selector or remove the rule. (Frozen layers count when the optimizer is "
+        "built from the model, as in model.fit or optimizer.build(model); a layer "
+        "object always works.)"
+    )
+
+
+def _glob_hints(selector: _Selector, paths: list[str]) -> str:
+    """The closest paths to a glob that matches nothing, and a word if it looks like a regex."""
+    if not isinstance(selector, _Glob):
+        return ""
     hint = ""
-    if isinstance(rule.selector, _Glob):
-        candidates = sorted({s for p in paths for s in _segment_subpaths(p)})
-        close = difflib.get_close_matches(rule.selector.pattern, candidates, n=3, cutoff=0.5)
-        if close:
-            hint = " Closest paths: " + ", ".join(repr(c) for c in close) + "."
-    if isinstance(rule.selector, _Glob) and (
-        ".*" in rule.selector.pattern or any(c in rule.selector.pattern for c in "^$+()|{}\\")
-    ):
+    candidates = sorted({s for p in paths for s in _segment_subpaths(p)})
+    close = difflib.get_close_matches(selector.pattern, candidates, n=3, cutoff=0.5)
+    if close:
+        hint = " Closest paths: " + ", ".join(repr(c) for c in close) + "."
+    if ".*" in selector.pattern or any(c in selector.pattern for c in "^$+()|{}\\"):
         hint += (
             " Strings are glob patterns over whole path segments, not regular "
             "expressions: for a regex pass re.compile(...)."
         )
-    shown = ", ".join(repr(p) for p in paths[:8]) + (", ..." if len(paths) > 8 else "")
-    raise ValueError(
-        f"The {kind} rule {rule.describe()} matches none of the {len(paths)} "
-        f"trainable variables ({shown}).{hint} Fix the selector or remove the rule. "
-        "(Frozen layers count when the optimizer is built from the model, as in "
-        "model.fit or optimizer.build(model); a layer object always works.)"
-    )
+    return hint

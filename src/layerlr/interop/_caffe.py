@@ -217,12 +217,7 @@ _V1_LAYER_HINT = (
 
 
 def _read_layer(block, index: int) -> _Layer:
-    where = f"layer #{index}"
-    if not isinstance(block, _Message):
-        raise ValueError(f"{where} must be a block layer {{ ... }}, got {_show(block)}.")
-    name = block.one("name", where)
-    where = where if name is None else f"layer {_string(name, where + ' name')!r}"
-    layer_type = block.one("type", where)
+    where, name, layer_type = _layer_head(block, "layer", index)
     _check_misplaced(block, ("param",), where, _NEW_LAYER_HINT)
     specs = block.all("param")
     params = [_read_param_spec(spec, f"{where} param #{i}") for i, spec in enumerate(specs)]
@@ -230,28 +225,12 @@ def _read_layer(block, index: int) -> _Layer:
     for i, spec in enumerate(specs):
         value = spec.one("name", f"{where} param #{i}")
         shared.append(None if value is None else _string(value, f"{where} param #{i} name"))
-    if params and name is None:
-        raise ValueError(f"{where} has param blocks but no name, so no Keras layer can match it.")
-    return _Layer(
-        name=None if name is None else _string(name, where),
-        type="" if layer_type is None else _string(layer_type, f"{where} type"),
-        params=params,
-        shared_names=shared,
-    )
+    _require_name(name, params, where, "param blocks")
+    return _Layer(name, _type_text(layer_type, where), params, shared)
 
 
 def _read_v1_layer(block, index: int) -> _Layer:
-    where = f"layers #{index}"
-    if not isinstance(block, _Message):
-        raise ValueError(f"{where} must be a block layers {{ ... }}, got {_show(block)}.")
-    if block.all("layer"):
-        raise ValueError(
-            f"{where} nests a layer {{ }} block: this is Caffe's V0 format. Upgrade "
-            "the file with Caffe's upgrade_net_proto_text tool first."
-        )
-    name = block.one("name", where)
-    where = where if name is None else f"layers {_string(name, where + ' name')!r}"
-    layer_type = block.one("type", where)
+    where, name, layer_type = _layer_head(block, "layers", index, _refuse_v0)
     # V1's `param` holds blob-sharing names (strings), not multipliers.
     _check_misplaced(block, ("blobs_lr", "weight_decay", "param"), where, _V1_LAYER_HINT)
     for value in block.all("param"):
@@ -265,16 +244,48 @@ def _read_v1_layer(block, index: int) -> _Layer:
         (lrs[i] if i < len(lrs) else None, decays[i] if i < len(decays) else None)
         for i in range(count)
     ]
-    if params and name is None:
-        raise ValueError(f"{where} has multipliers but no name, so no Keras layer can match it.")
+    _require_name(name, params, where, "multipliers")
+    # Blobs that are only shared by name still take a place in the blob order.
     count = max(count, len(v1_shared))
     params += [(None, None)] * (count - len(params))
-    return _Layer(
-        name=None if name is None else _string(name, where),
-        type="" if layer_type is None else _string(layer_type, f"{where} type"),
-        params=params,
-        shared_names=[v1_shared[i] if i < len(v1_shared) else None for i in range(count)],
-    )
+    shared = [v1_shared[i] if i < len(v1_shared) else None for i in range(count)]
+    return _Layer(name, _type_text(layer_type, where), params, shared)
+
+
+def _refuse_v0(block, where: str) -> None:
+    if block.all("layer"):
+        raise ValueError(
+            f"{where} nests a layer {{ }} block: this is Caffe's V0 format. Upgrade "
+            "the file with Caffe's upgrade_net_proto_text tool first."
+        )
+
+
+def _layer_head(block, keyword: str, index: int, check_format=None):
+    """``(where, name or None, raw type field)`` of a ``layer``/``layers`` block.
+
+    ``where`` names the layer in errors: by its name once it has one, else by
+    its position. ``check_format(block, where)`` runs before the name is read,
+    so a block of another format is reported as that, not as a bad name.
+    """
+    where = f"{keyword} #{index}"
+    if not isinstance(block, _Message):
+        raise ValueError(f"{where} must be a block {keyword} {{ ... }}, got {_show(block)}.")
+    if check_format is not None:
+        check_format(block, where)
+    name = block.one("name", where)
+    if name is not None:
+        name = _string(name, where + " name")
+        where = f"{keyword} {name!r}"
+    return where, name, block.one("type", where)
+
+
+def _require_name(name, params, where: str, what: str) -> None:
+    if params and name is None:
+        raise ValueError(f"{where} has {what} but no name, so no Keras layer can match it.")
+
+
+def _type_text(layer_type, where: str) -> str:
+    return "" if layer_type is None else _string(layer_type, f"{where} type")
 
 
 def _read_net(net: _Message, source: str) -> list[_Layer]:

@@ -189,6 +189,26 @@ def compat_v1_minimize(
     """
     import tensorflow as tf
 
+    _check_graph_mode(tf)
+    _check_optimizer_factory(optimizer, tf)
+    rules = _numeric_rules(lr_mult, tf)
+    variables = _checked_variables(var_list, tf)
+    mults = [m for m, _ in _rules.resolve(rules, [_GraphVariable(v) for v in variables], "lr_mult")]
+    groups = _groups_by_multiplier(variables, mults)
+    optimizers = {mult: _make_optimizer(optimizer, learning_rate, mult, tf) for mult in groups}
+    trained = [v for v, mult in zip(variables, mults) if mult != 0.0]
+    grads = _gradients_once(loss, next(iter(optimizers.values())), trained)
+    with tf.compat.v1.name_scope(name, "layerlr_minimize"):
+        updates = _apply_per_group(groups, optimizers, grads)
+        train_op = _train_op(updates, global_step, name, tf)
+    _register_train_op(train_op, tf)
+    return train_op
+
+
+# --- the steps of compat_v1_minimize --------------------------------------------
+
+
+def _check_graph_mode(tf) -> None:
     if tf.executing_eagerly():
         raise RuntimeError(
             "compat_v1_minimize builds graph-mode training ops: call it while "
@@ -196,6 +216,9 @@ def compat_v1_minimize(
             "tf.compat.v1.disable_eager_execution()). For eager TF2 or Keras "
             "training, use layerlr.LayerwiseOptimizer."
         )
+
+
+def _check_optimizer_factory(optimizer, tf) -> None:
     if isinstance(optimizer, tf.compat.v1.train.Optimizer):
         raise TypeError(
             f"optimizer must make an optimizer from a learning rate, got the "
@@ -209,6 +232,11 @@ def compat_v1_minimize(
             "optimizer must be a callable learning_rate -> "
             f"tf.compat.v1.train.Optimizer, got {optimizer!r}."
         )
+
+
+def _numeric_rules(lr_mult: RuleSpec, tf) -> tuple[_rules.Rule, ...]:
+    # Each group's rate is fixed when its optimizer is made: a schedule of the
+    # multiplier would have no step to follow.
     rules = _graph_rules(lr_mult, tf)
     for rule in rules:
         if not isinstance(rule.value, float):
@@ -217,14 +245,21 @@ def compat_v1_minimize(
                 "multipliers are numbers. Make the base learning_rate a tensor of "
                 "the global step instead (e.g. tf.compat.v1.train.exponential_decay)."
             )
+    return rules
+
+
+def _checked_variables(var_list, tf) -> list:
     variables = _default_var_list(tf) if var_list is None else list(var_list)
     if not variables:
         raise ValueError("No variables to optimize: the graph has no trainable variables.")
     for v in variables:
         if not isinstance(v, tf.Variable):
             raise TypeError(f"var_list must hold tf.Variables, got {v!r}.")
-    mults = [m for m, _ in _rules.resolve(rules, [_GraphVariable(v) for v in variables], "lr_mult")]
+    return variables
 
+
+def _groups_by_multiplier(variables: list, mults: list) -> dict[float, list]:
+    """``{multiplier: variables}`` in first-seen order, without the ``lr_mult=0`` ones."""
     groups: dict[float, list] = {}
     for variable, mult in zip(variables, mults):
         if mult != 0.0:
@@ -234,41 +269,60 @@ def compat_v1_minimize(
             "Every variable has lr_mult 0, so there is nothing to train. Remove "
             "the training op, or give some variables a multiplier above 0."
         )
-    optimizers = {}
-    for mult in groups:
-        opt = optimizer(_scaled_rate(learning_rate, mult))
-        if not isinstance(opt, tf.compat.v1.train.Optimizer):
-            raise TypeError(
-                f"optimizer(learning_rate) must return a tf.compat.v1.train "
-                f"optimizer, got {opt!r}. For Keras optimizers, use "
-                "layerlr.LayerwiseOptimizer."
-            )
-        optimizers[mult] = opt
+    return groups
 
-    trained = [v for v, mult in zip(variables, mults) if mult != 0.0]
-    first = next(iter(optimizers.values()))
-    # The single gradient computation: the first optimizer only computes.
-    grads_and_vars = first.compute_gradients(loss, var_list=trained)
+
+def _make_optimizer(optimizer: Callable, learning_rate, mult: float, tf):
+    opt = optimizer(_scaled_rate(learning_rate, mult))
+    if not isinstance(opt, tf.compat.v1.train.Optimizer):
+        raise TypeError(
+            f"optimizer(learning_rate) must return a tf.compat.v1.train "
+            f"optimizer, got {opt!r}. For Keras optimizers, use "
+            "layerlr.LayerwiseOptimizer."
+        )
+    return opt
+
+
+def _gradients_once(loss, any_optimizer, trained: list) -> dict[int, Any]:
+    """``{id(variable): gradient or None}``, computed once for every group.
+
+    Any group's optimizer will do: ``compute_gradients`` does not use the
+    rate. Computing per group would run backprop once per group.
+    """
+    grads_and_vars = any_optimizer.compute_gradients(loss, var_list=trained)
     grads = {id(v): g for v, (g, _) in zip(trained, grads_and_vars)}
     if all(g is None for g in grads.values()):
         raise ValueError(
             "No gradients for any variable: the loss does not depend on "
             f"{[_GraphVariable(v).path for v in trained][:8]}. Check the loss and var_list."
         )
-    with tf.compat.v1.name_scope(name, "layerlr_minimize"):
-        updates = []
-        for mult, group in groups.items():
-            pairs = [(grads[id(v)], v) for v in group if grads[id(v)] is not None]
-            if pairs:  # a group the loss does not reach is left alone, as by minimize
-                updates.append(optimizers[mult].apply_gradients(pairs))
-        if global_step is None:
-            train_op = tf.group(*updates, name=name or "train")
-        else:
-            with tf.control_dependencies(updates):
-                train_op = global_step.assign_add(1, read_value=False, name=name or "train")
-            if isinstance(train_op, tf.Tensor):
-                train_op = train_op.op
+    return grads
+
+
+def _apply_per_group(groups: dict, optimizers: dict, grads: dict) -> list:
+    updates = []
+    for mult, group in groups.items():
+        pairs = [(grads[id(v)], v) for v in group if grads[id(v)] is not None]
+        if pairs:  # a group the loss does not reach is left alone, as by minimize
+            updates.append(optimizers[mult].apply_gradients(pairs))
+    return updates
+
+
+def _train_op(updates: list, global_step, name: str | None, tf):
+    """The one op to run: every group's update, then the global step (once)."""
+    if global_step is None:
+        return tf.group(*updates, name=name or "train")
+    with tf.control_dependencies(updates):
+        train_op = global_step.assign_add(1, read_value=False, name=name or "train")
+    # Graph-mode assign_add may hand back a tensor; callers expect an Operation.
+    if isinstance(train_op, tf.Tensor):
+        train_op = train_op.op
+    return train_op
+
+
+def _register_train_op(train_op, tf) -> None:
+    # Optimizer.apply_gradients registers its own op in TRAIN_OP; the op to run
+    # here is the one that groups them, so it goes there too.
     collection = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.TRAIN_OP)
     if train_op not in collection:
         collection.append(train_op)
-    return train_op

@@ -52,6 +52,31 @@ def _finish(fig, path: str | os.PathLike | None):
     return fig
 
 
+# What ``path``, ``ax`` and ``title`` mean is the same for every plot function:
+# `_documents_figure_args` writes it into each docstring at this marker line.
+_FIGURE_ARGS_MARKER = "        {path, ax, title}\n"
+_FIGURE_ARGS = """\
+        path: Where to save the figure (any format matplotlib knows).
+        ax: A matplotlib Axes to draw on instead of a new figure.
+        title: The plot title.
+"""
+
+
+def _documents_figure_args(function):
+    if function.__doc__ is not None:  # None under python -OO
+        assert _FIGURE_ARGS_MARKER in function.__doc__, function.__name__
+        function.__doc__ = function.__doc__.replace(_FIGURE_ARGS_MARKER, _FIGURE_ARGS)
+    return function
+
+
+def _log_y_frame(ax, xlabel: str, ylabel: str) -> None:
+    """Readable ticks on the log y axis (limits final), axis labels and the grid."""
+    _readable_log_ticks(ax, "y")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def _readable_log_ticks(ax, axis: str = "x") -> None:
     """Labels on a log axis that never run into each other.
 
@@ -84,6 +109,7 @@ def _group_colors(names) -> dict[str, Any]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
+@_documents_figure_args
 def learning_rates(
     model: keras.Layer,
     optimizer=None,
@@ -102,9 +128,7 @@ def learning_rates(
     Args:
         model: The model (built).
         optimizer: A `layerlr.LayerwiseOptimizer`; defaults to ``model.optimizer``.
-        path: Where to save the figure (any format matplotlib knows).
-        ax: A matplotlib Axes to draw on instead of a new figure.
-        title: The plot title.
+        {path, ax, title}
 
     Returns:
         The matplotlib Figure.
@@ -181,6 +205,7 @@ def _curve(value, steps: np.ndarray) -> np.ndarray:
     return np.full(len(steps), float(value))
 
 
+@_documents_figure_args
 def schedule(
     model: keras.Layer,
     optimizer=None,
@@ -203,9 +228,7 @@ def schedule(
         model: The model (built).
         optimizer: A `layerlr.LayerwiseOptimizer`; defaults to ``model.optimizer``.
         steps: The last step to draw.
-        path: Where to save the figure.
-        ax: A matplotlib Axes to draw on instead of a new figure.
-        title: The plot title.
+        {path, ax, title}
 
     Returns:
         The matplotlib Figure.
@@ -246,16 +269,14 @@ def schedule(
     if report.step <= steps:
         ax.axvline(report.step, color="0.5", linestyle=":", label=f"now (step {report.step})")
     ax.set_yscale("log")
-    _readable_log_ticks(ax, "y")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("effective learning rate")
-    ax.grid(alpha=0.3)
+    _log_y_frame(ax, "training step", "effective learning rate")
     ax.legend(fontsize="small", title="group (lr_mult)")
     note = f"; never updated: {', '.join(never)}" if never else ""
     ax.set_title(title or f"Learning rate per group, base rate {kind}{note}")
     return _finish(fig, path)
 
 
+@_documents_figure_args
 def history(
     history,
     *,
@@ -273,9 +294,7 @@ def history(
         history: The ``History`` that ``model.fit`` returned, or its
             ``.history`` dict.
         prefix: The logger's prefix.
-        path: Where to save the figure.
-        ax: A matplotlib Axes to draw on instead of a new figure.
-        title: The plot title.
+        {path, ax, title}
 
     Returns:
         The matplotlib Figure.
@@ -310,10 +329,7 @@ def history(
         shown = np.where(values > 0, values, np.nan)
         ax.plot(epochs, shown, marker="o", color=colors[group], label=group)
     ax.set_yscale("log")
-    _readable_log_ticks(ax, "y")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("effective learning rate (end of epoch)")
-    ax.grid(alpha=0.3)
+    _log_y_frame(ax, "epoch", "effective learning rate (end of epoch)")
     ax.legend(fontsize="small", title="group")
     ax.set_title(title or "Logged learning rate per group")
     return _finish(fig, path)
@@ -361,6 +377,7 @@ def _runs(flags: np.ndarray):
     return runs
 
 
+@_documents_figure_args
 def update_ratios(
     source,
     *,
@@ -383,9 +400,7 @@ def update_ratios(
         source: The `UpdateLogger`, the ``History`` that ``model.fit``
             returned (with an ``UpdateLogger`` among its callbacks: per step;
             otherwise the per-epoch means), or a dict of logged values.
-        path: Where to save the figure.
-        ax: A matplotlib Axes to draw on instead of a new figure.
-        title: The plot title.
+        {path, ax, title}
         colors: ``{group: color}`` for some or all groups.
         legend: Whether to draw the legend.
 
@@ -447,10 +462,8 @@ def update_ratios(
                     ls="-" if kind == "frozen" else (0, (2, 1)))
             ax.text(x0, y + 0.012, f"{group}: {kind}", transform=transform, fontsize=7,
                     color="0.25", va="bottom")
-    _readable_log_ticks(ax, "y")
-    ax.set_xlabel("training step" if unit == "step" else "epoch (mean of its measured steps)")
-    ax.set_ylabel("||w_after - w_before|| / ||w_before||")
-    ax.grid(alpha=0.3)
+    _log_y_frame(ax, "training step" if unit == "step" else "epoch (mean of its measured steps)",
+                 "||w_after - w_before|| / ||w_before||")
     if legend:
         ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title or "How far each group moves per step")
