@@ -31,22 +31,8 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from layerlr.core import _keras as _internals
+from layerlr.core import _keras
 from layerlr.core._rules import Multiplier
-
-def _base_weight_decay(inner, variable):
-    """The weight decay Keras would apply to ``variable``, or None."""
-    should_use_adamw = getattr(inner, "_should_use_adamw", None)  # Muon
-    if should_use_adamw is not None and should_use_adamw(variable):
-        base = inner.adam_weight_decay
-    else:
-        base = inner.weight_decay
-    # Checked first: asking Keras creates its exclusion cache (and, under
-    # torch.compile, one more recompile) even when there is no decay at all.
-    if base is None or not inner._use_weight_decay(variable):
-        return None
-    return base
-
 
 def _at_step(value: Multiplier, inner):
     """A multiplier's value now: floats stay Python constants, schedules run in-graph."""
@@ -80,40 +66,16 @@ def _writes_only_if(inner, active):
         del inner.assign, inner.assign_add, inner.assign_sub
 
 
-def _steps_counted_from(inner, start: int):
-    """While active, ``inner.iterations`` counts from ``start`` (the variable's own step).
-
-    Keras reads the step as ``self.iterations`` (``_iterations``, divided by
-    the accumulation steps) inside ``update_step``; shifting the raw counter by
-    ``start * accumulation_steps`` shifts that quotient by exactly ``start``.
-    """
-    if not start:
-        return contextlib.nullcontext()
-    return _swapped(inner, {"_iterations": inner._iterations - start * (inner.gradient_accumulation_steps or 1)})
-
-
-@contextlib.contextmanager
-def _swapped(inner, attributes: dict):
-    # Through __dict__: plain attribute assignment would make Keras track the
-    # temporary values as optimizer state.
-    saved = {name: inner.__dict__[name] for name in attributes}
-    inner.__dict__.update(attributes)
-    try:
-        yield
-    finally:
-        inner.__dict__.update(saved)
-
-
 def _late_start(inner, start: int, late_state: dict):
     """The context a late variable's update runs in: its own step and once-per-step state."""
     if not start:
         return contextlib.nullcontext()
     own = {name: variable for name, variable in late_state.get(start, {}).items()}
     if not own:
-        return _steps_counted_from(inner, start)
+        return _keras.steps_counted_from(inner, start)
     stack = contextlib.ExitStack()
-    stack.enter_context(_steps_counted_from(inner, start))
-    stack.enter_context(_swapped(inner, own))
+    stack.enter_context(_keras.steps_counted_from(inner, start))
+    stack.enter_context(_keras.swapped(inner, own))
     return stack
 
 
@@ -122,7 +84,7 @@ def advance_late_state(inner, late_state: dict) -> None:
     for start, state in late_state.items():
         for name, variable in state.items():
             local = inner.iterations - start
-            advanced = _internals.ONCE_PER_STEP_STATE[name](inner, variable, local)
+            advanced = _keras.ONCE_PER_STEP_STATE[name](inner, variable, local)
             inner.assign(variable, ops.where(ops.greater_equal(local, 0), advanced, variable.value))
 
 
@@ -146,14 +108,8 @@ def install(
     lr_mults = tuple(lr_mults)
     decay_mults = tuple(decay_mults)
     start_steps = tuple(int(s) for s in start_steps)
-    keras_variables = tuple(inner._trainable_variables)
-    originals = inner.__dict__.setdefault(
-        "_layerlr_originals",
-        {"update_step": inner.update_step,
-         "_parallel_update_step": getattr(inner, "_parallel_update_step", None),
-         "_backend_update_step": inner._backend_update_step,
-         "_update_model_variables_moving_average": inner._update_model_variables_moving_average},
-    )
+    keras_variables = tuple(_keras.trainable_variables(inner))
+    originals = _keras.original_steps(inner)
 
     # Within one step (one `_backend_update_step` call: one trace when
     # compiled), each distinct multiplier's value and multiplied rate are
@@ -173,7 +129,7 @@ def install(
         return cached(("at", id(multiplier)), lambda: _at_step(multiplier, inner))
 
     def effective_decay(index: int):
-        base = _base_weight_decay(inner, keras_variables[index])
+        base = _keras.base_weight_decay(inner, keras_variables[index])
         decay_mult = decay_mults[index]
         if base is None or (isinstance(decay_mult, float) and decay_mult == 0.0):
             return None
@@ -189,7 +145,7 @@ def install(
     def update_step(gradient, variable, learning_rate):
         # `variable` may be a per-replica tf.Variable under tf.distribute: look
         # it up by the optimizer's own key, never by path or id.
-        index = inner._get_variable_index(variable)
+        index = _keras.variable_index(inner, variable)
         lr_mult = lr_mults[index]
         if isinstance(lr_mult, float) and lr_mult == 0.0:
             # Leave the variable and its slots untouched (Ftrl divides by lr).
@@ -210,41 +166,40 @@ def install(
             with _late_start(inner, start_steps[index], late_state):
                 return originals["update_step"](gradient, variable, learning_rate)
 
-    inner.update_step = update_step
-    inner._apply_weight_decay = lambda variables: None
-    fused = originals["_parallel_update_step"] is not None
+    fused = originals["parallel_update_step"] is not None
 
     def backend_update_step(grads, variables, learning_rate):
         nonlocal step_cache
         # The fused torch step advances the state itself.
-        if late_state and not (fused and not _internals.torch_compiling()):
+        if late_state and not (fused and not _keras.torch_compiling()):
             advance_late_state(inner, late_state)
         step_cache = {}
         try:
-            return originals["_backend_update_step"](grads, variables, learning_rate)
+            return originals["backend_update_step"](grads, variables, learning_rate)
         finally:
             step_cache = None
 
-    inner._backend_update_step = backend_update_step
-
-    if any(start_steps):
-        inner._update_model_variables_moving_average = functools.partial(
-            _moving_average_from_own_start, inner, start_steps
-        )
-    else:
-        inner.__dict__.pop("_update_model_variables_moving_average", None)
-
+    parallel_update_step = None
     if fused:
         grouped = _grouped_step(
-            inner, originals["_parallel_update_step"], lr_mults, decay_mults, start_steps,
+            inner, originals["parallel_update_step"], lr_mults, decay_mults, start_steps,
             late_state, effective_decay, keras_variables,
         )
         from layerlr.core import _torch_fused
 
-        per_tensor = _torch_fused.step_for(inner, originals["_parallel_update_step"])
-        inner._parallel_update_step = grouped if per_tensor is None else _one_fused_step(
+        per_tensor = _torch_fused.step_for(inner, originals["parallel_update_step"])
+        parallel_update_step = grouped if per_tensor is None else _one_fused_step(
             inner, per_tensor, grouped, lr_mults, decay_mults, start_steps, late_state, keras_variables,
         )
+    _keras.replace_steps(
+        inner,
+        update_step=update_step,
+        backend_update_step=backend_update_step,
+        parallel_update_step=parallel_update_step,
+        # Keras' own EMA update is right when every variable starts at step 0.
+        moving_average_update=functools.partial(_moving_average_from_own_start, inner, start_steps)
+        if any(start_steps) else None,
+    )
 
 
 def _moving_average_from_own_start(inner, start_steps, trainable_variables) -> None:
@@ -254,9 +209,7 @@ def _moving_average_from_own_start(inner, start_steps, trainable_variables) -> N
     step k gets the same at its step k (before it, the variable does not move
     and its average follows it).
     """
-    for variable, average, start in zip(
-        trainable_variables, inner._model_variables_moving_average, start_steps
-    ):
+    for variable, average, start in zip(trainable_variables, _keras.moving_averages(inner), start_steps):
         if average is None:
             continue
         started = ops.greater(inner.iterations, start)
@@ -289,13 +242,13 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
         if plan is None:
             entries = []
             for position, variable in enumerate(variables):
-                index = inner._get_variable_index(variable)
+                index = _keras.variable_index(inner, variable)
                 lr_mult = lr_mults[index]
                 if isinstance(lr_mult, float) and lr_mult == 0.0:
                     continue  # untouched, slots included
                 decay_mult = decay_mults[index]
                 decays = not (isinstance(decay_mult, float) and decay_mult == 0.0) and (
-                    inner._use_weight_decay(keras_variables[index]))
+                    _keras.uses_weight_decay(inner, keras_variables[index]))
                 entries.append((position, index, lr_mult, decay_mult if decays else None, start_steps[index]))
             float32 = all(str(v.dtype) == "float32" for v in variables)
             if len(plans) >= 16:
@@ -359,7 +312,7 @@ def _one_fused_step(inner, per_tensor, grouped, lr_mults, decay_mults, start_ste
             rates.append(rate)
             starts.append(start)
         if decayed:
-            torch._foreach_mul_(decayed, factors)
+            _keras.torch_foreach().mul_(decayed, factors)
         per_tensor(inner, step_grads, values, indices, rates, starts, iterations, late_state, torch.float32)
 
     return parallel_update_step
@@ -383,15 +336,15 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
             # them. Take the per-variable path (our update_step hook), as on
             # TF and JAX; Nadam's product still advances once per step.
             advance_late_state(inner, late_state)
-            return _internals.per_variable_update_step(inner, grads, variables, learning_rate)
+            return _keras.per_variable_update_step(inner, grads, variables, learning_rate)
         groups: dict[tuple, tuple[list, list, list]] = {}
         for grad, variable in zip(grads, variables):
-            index = inner._get_variable_index(variable)
+            index = _keras.variable_index(inner, variable)
             lr_mult = lr_mults[index]
             if isinstance(lr_mult, float) and lr_mult == 0.0:
                 continue
             # Schedules group by identity; equal constants group together.
-            no_decay = _base_weight_decay(inner, keras_variables[index]) is None
+            no_decay = _keras.base_weight_decay(inner, keras_variables[index]) is None
             key = (lr_mult, decay_mults[index], no_decay, start_steps[index])
             group = groups.setdefault(key, ([], [], []))
             group[0].append(grad)
@@ -415,7 +368,7 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
             weight_decay = effective_decay(indices[0])
             if weight_decay is not None:
                 factor = ops.cast(1 - weight_decay * rate, group_vars[0].dtype)
-                torch._foreach_mul_([v.value for v in group_vars], factor)
+                _keras.torch_foreach().mul_([v.value for v in group_vars], factor)
             with _late_start(inner, start, late_state):
                 fused_step(group_grads, group_vars, rate)
             advanced.add(start)
@@ -423,7 +376,7 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
         if 0 not in advanced and once_per_step[0]:
             for variable in once_per_step[0]:
                 variable.assign(before[id(variable)])
-            advance_late_state(inner, {0: {name: getattr(inner, name) for name in _internals.ONCE_PER_STEP_STATE if hasattr(inner, name)}})
+            advance_late_state(inner, {0: {name: getattr(inner, name) for name in _keras.ONCE_PER_STEP_STATE if hasattr(inner, name)}})
         advance_late_state(inner, {s: st for s, st in late_state.items() if s not in advanced})
 
     return parallel_update_step
@@ -432,4 +385,4 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
 def _once_per_step_state(inner, start: int, late_state: dict) -> list:
     if start:
         return list(late_state.get(start, {}).values())
-    return [getattr(inner, name) for name in _internals.ONCE_PER_STEP_STATE if hasattr(inner, name)]
+    return [getattr(inner, name) for name in _keras.ONCE_PER_STEP_STATE if hasattr(inner, name)]

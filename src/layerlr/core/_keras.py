@@ -430,6 +430,69 @@ def holds_saveables(obj) -> bool:
 NOT_PER_VARIABLE_STATE = ("_variables", "_trainable_variables")
 
 
+# --- the hook's entry points ---------------------------------------------------------
+# Keras: BaseOptimizer.update_step / _backend_update_step / _apply_weight_decay /
+#   _update_model_variables_moving_average; torch: TorchParallelOptimizer._parallel_update_step
+#   (checked with 3.15.1 and 3.16 nightly). Caught by: tests/test_equivalence.py,
+#   tests/test_schedules.py, tests/test_torch_backend.py, tests/test_late_start.py.
+
+
+def original_steps(inner) -> dict:
+    """``inner``'s own step methods, as they were before the first `replace_steps`."""
+    return inner.__dict__.setdefault(
+        "_layerlr_originals",
+        {"update_step": inner.update_step,
+         "parallel_update_step": getattr(inner, "_parallel_update_step", None),
+         "backend_update_step": inner._backend_update_step},
+    )
+
+
+def replace_steps(inner, *, update_step, backend_update_step, parallel_update_step=None,
+                  moving_average_update=None) -> None:
+    """Installs the hook's steps on the instance ``inner`` (replacing earlier ones).
+
+    Weight decay moves into ``update_step``: Keras' own pass over all
+    variables is switched off. ``moving_average_update`` None keeps Keras' EMA
+    update; a ``parallel_update_step`` replaces torch's fused step.
+    """
+    inner.update_step = update_step
+    inner._backend_update_step = backend_update_step
+    inner._apply_weight_decay = lambda variables: None
+    if parallel_update_step is not None:
+        inner._parallel_update_step = parallel_update_step
+    if moving_average_update is not None:
+        inner._update_model_variables_moving_average = moving_average_update
+    else:
+        inner.__dict__.pop("_update_model_variables_moving_average", None)
+
+
+@contextlib.contextmanager
+def swapped(inner, attributes: dict):
+    """Replaces attributes of ``inner`` for the duration, untracked."""
+    # Through __dict__: plain attribute assignment would make Keras track the
+    # temporary values as optimizer state.
+    saved = {name: inner.__dict__[name] for name in attributes}
+    inner.__dict__.update(attributes)
+    try:
+        yield
+    finally:
+        inner.__dict__.update(saved)
+
+
+def steps_counted_from(inner, start: int):
+    """While active, ``inner.iterations`` counts from ``start`` (the variable's own step).
+
+    Keras reads the step as ``self.iterations`` (``_iterations``, divided by
+    the accumulation steps) inside ``update_step``; shifting the raw counter by
+    ``start * accumulation_steps`` shifts that quotient by exactly ``start``.
+    """
+    # Keras: BaseOptimizer._iterations (checked with 3.15.1 and 3.16 nightly). Caught by:
+    #   tests/test_late_start.py.
+    if not start:
+        return contextlib.nullcontext()
+    return swapped(inner, {"_iterations": inner._iterations - start * (inner.gradient_accumulation_steps or 1)})
+
+
 # --- weight decay -----------------------------------------------------------------------
 # Keras: BaseOptimizer._apply_weight_decay / _use_weight_decay; Muon._should_use_adamw (checked
 #   with 3.15.1 and 3.16 nightly). Caught by: tests/test_equivalence.py,
