@@ -270,7 +270,12 @@ class UpdateLogger(keras.callbacks.Callback):
         # variable; the measurements read the state itself (`_updates._values`).
         return self._model if keras.backend.backend() == "jax" else self.model
 
+    def _settle(self):
+        # JAX: wait for the steps dispatched so far, once, before the reads.
+        _updates.settle(self._bare_model())
+
     def _start(self):
+        self._settle()
         model = self._bare_model()
         key = tuple(id(v) for v in model.trainable_variables)
         layout = self._layout
@@ -285,6 +290,7 @@ class UpdateLogger(keras.callbacks.Callback):
 
     def _finish(self):
         before, self._pending = self._pending, None
+        self._settle()
         results = _updates.measure(before, self._bare_model())
         row = {"step": before.step}
         for group, result in results.items():
