@@ -146,7 +146,7 @@ def line(result: dict) -> str:
     r, c, i = result["ratio"], result["control"], result["inside_fraction"]
     w = result.get("wait_fraction")
     waited = (f"; waiting for steps already dispatched {100 * w['median']:.1f}% "
-              f"[{100 * w['q25']:.1f}-{100 * w['q75']:.1f}%], not counted" if w and w["q75"] > 0 else "")
+              f"[{100 * w['q25']:.1f}-{100 * w['q75']:.1f}%], not counted" if w and w["median"] >= 5e-4 else "")
     best = (f"; fastest with / fastest without = {result['best_ratio']:.3f}, "
             f"A/A {result['best_control']:.3f}" if "best_ratio" in result else "")
     return (
