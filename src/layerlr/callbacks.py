@@ -154,7 +154,9 @@ class UpdateLogger(keras.callbacks.Callback):
 
     Nothing runs inside the training step, so training is unchanged; the cost is
     two copies of the weights on measured steps only (well under 2% of ``fit``
-    at ``every=100``: ``python -m benchmarks.run --updates``).
+    at ``every=100``: ``python -m benchmarks.run --updates``). On JAX a
+    measured step first waits for the steps ``fit`` has dispatched ahead,
+    which ``fit`` would wait for at the end of the epoch anyway.
 
     Where it goes:
 
