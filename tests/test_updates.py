@@ -268,3 +268,29 @@ def test_bad_arguments_are_refused():
     model.compile(optimizer="adam", loss="mse", steps_per_execution=2)
     with pytest.raises(ValueError, match="steps_per_execution=2"):
         model.fit(*data(8), verbose=0, callbacks=[UpdateLogger()])
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX dispatches fit's steps asynchronously")
+def test_on_jax_the_logger_waits_for_the_dispatched_steps_before_it_reads():
+    # The wait is done once, apart from the reads (the benchmark times it
+    # apart): after it, every array of the training state is computed.
+    from layerlr import _updates
+
+    seen = []
+
+    class Waiting(UpdateLogger):
+        def _settle(self):
+            super()._settle()
+            model = self._bare_model()
+            if _updates._jax_pending(model):
+                state = model._jax_state
+                arrays = [*state["trainable_variables"], *state["optimizer_variables"]]
+                seen.append(all(a.is_ready() for a in arrays))
+
+    x, y = data(64)
+    model = make_model()
+    model.compile(optimizer=layerlr.LayerwiseOptimizer(keras.optimizers.Adam(1e-2), lr_mult=RULES), loss="mse")
+    logger = Waiting(every=3)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[logger])
+    assert logger.history["step"] == [0, 3, 6, 9, 12, 15]
+    assert seen and all(seen)

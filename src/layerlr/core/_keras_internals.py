@@ -485,7 +485,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "JAXTrainer._jax_state / _jax_state_synced",
         ("_jax_state", "_jax_state_synced"),
-        "_updates (UpdateLogger reads the training state on JAX without a sync)",
+        "_updates (UpdateLogger reads the training state on JAX without a sync, and waits for it to be computed: _updates.settle)",
         "tests/test_updates.py",
         _check_jax_trainer_state,
         ("jax",),

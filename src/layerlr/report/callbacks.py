@@ -154,7 +154,9 @@ class UpdateLogger(keras.callbacks.Callback):
 
     Nothing runs inside the training step, so training is unchanged; the cost is
     two copies of the weights on measured steps only (well under 2% of ``fit``
-    at ``every=100``: ``python -m benchmarks.run --updates``).
+    at ``every=100``: ``python -m benchmarks.run --updates``). On JAX a
+    measured step first waits for the steps ``fit`` has dispatched ahead,
+    which ``fit`` would wait for at the end of the epoch anyway.
 
     Where it goes:
 
@@ -270,7 +272,12 @@ class UpdateLogger(keras.callbacks.Callback):
         # variable; the measurements read the state itself (`_updates._values`).
         return self._model if keras.backend.backend() == "jax" else self.model
 
+    def _settle(self):
+        # JAX: wait for the steps dispatched so far, once, before the reads.
+        _updates.settle(self._bare_model())
+
     def _start(self):
+        self._settle()
         model = self._bare_model()
         key = tuple(id(v) for v in model.trainable_variables)
         layout = self._layout
@@ -285,6 +292,7 @@ class UpdateLogger(keras.callbacks.Callback):
 
     def _finish(self):
         before, self._pending = self._pending, None
+        self._settle()
         results = _updates.measure(before, self._bare_model())
         row = {"step": before.step}
         for group, result in results.items():
