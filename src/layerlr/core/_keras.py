@@ -329,8 +329,9 @@ def var_key(optimizer, variable):
 
 
 def knows(optimizer, variable) -> bool:
-    """Whether ``optimizer`` holds state for ``variable``."""
-    return optimizer._var_key(variable) in optimizer._trainable_variables_indices
+    """Whether ``optimizer`` holds state for ``variable`` (False before it is built)."""
+    indices = getattr(optimizer, "_trainable_variables_indices", None) or {}
+    return optimizer._var_key(variable) in indices
 
 
 def forget_variable_order(optimizer) -> None:
@@ -572,3 +573,51 @@ def frozen_weights(model) -> list:
 def routing_of(multi):
     """What a Keras ``MultiOptimizer`` was constructed with (our router, for `multi_optimizer`)."""
     return multi._optimizer_map
+
+
+# --- what reporting reads -------------------------------------------------------------
+
+
+def first_moment_slots(optimizer) -> tuple[list | None, float] | None:
+    """(the first-moment slot of each variable, the moment's decay), or None without one.
+
+    Adam, AdamW, Nadam, Lamb, Adamax and Lion update ``m <- beta * m + (1 - beta) * g``;
+    the slots are None before the optimizer is built.
+    """
+    # Keras: first-moment slots: Adam/Nadam/Lamb/Lion `_momentums`, Adamax `_m` (checked
+    #   with 3.15.1 and 3.16 nightly). Caught by: tests/test_updates.py.
+    opts = keras.optimizers
+    if isinstance(optimizer, opts.Lion):
+        name, beta = "_momentums", optimizer.beta_2
+    elif isinstance(optimizer, opts.Adamax):
+        name, beta = "_m", optimizer.beta_1
+    elif isinstance(optimizer, (opts.Adam, opts.Nadam, opts.Lamb)):
+        name, beta = "_momentums", optimizer.beta_1
+    else:
+        return None
+    return getattr(optimizer, name, None) or None, float(beta)
+
+
+def jax_training_state(model) -> dict | None:
+    """The training state ``fit`` keeps outside the variables during a JAX epoch, or None."""
+    # Keras: JAXTrainer._jax_state / _jax_state_synced (checked with 3.15.1 and 3.16 nightly).
+    #   Caught by: tests/test_updates.py.
+    if keras.backend.backend() != "jax":
+        return None
+    state = getattr(model, "_jax_state", None)
+    return state if state and not getattr(model, "_jax_state_synced", True) else None
+
+
+def callback_model(callback):
+    """The model of a callback, without the JAX state sync that ``Callback.model`` does."""
+    # Keras: Callback._model (checked with 3.15.1 and 3.16 nightly). Caught by:
+    #   tests/test_updates.py.
+    return callback._model if keras.backend.backend() == "jax" else callback.model
+
+
+def tensorboard_writer(tensorboard):
+    """The summary writer a TensorBoard callback writes its training scalars to."""
+    # Keras: TensorBoard._train_writer (checked with 3.15.1 and 3.16 nightly). Caught by:
+    #   tests/test_drop_in.py::test_tensorboard_logs_every_learning_rate_as_for_plain_optimizers,
+    #   tests/test_summary.py.
+    return tensorboard._train_writer

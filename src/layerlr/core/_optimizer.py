@@ -510,7 +510,7 @@ class LayerwiseOptimizer(_Wrapper):
         """The ``decay_mult`` rules, in order."""
         return self._layerlr.decay_rules
 
-    def resolve(self, model: keras.Layer | None = None) -> list[Assignment]:
+    def resolve(self, model: keras.Layer | None = None, *, variables=None) -> list[Assignment]:
         """What every variable gets, and the rates that gives now, without building.
 
         With ``model``: each trainable variable of the model, then those of its
@@ -521,7 +521,9 @@ class LayerwiseOptimizer(_Wrapper):
         resolve them; building would create the optimizer's state. After it
         is built, variables keep what they trained with, and variables it has
         not seen yet (unfrozen since) get the rules' multipliers
-        (``new=True``).
+        (``new=True``). ``variables`` narrows the model's trainable variables
+        to those this optimizer trains (a sub-optimizer of a MultiOptimizer);
+        frozen ones are then left out.
 
         >>> import keras, layerlr
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="head")], name="net")
@@ -541,6 +543,8 @@ class LayerwiseOptimizer(_Wrapper):
                 )
             trained = list(_keras.trainable_variables(inner))
             frozen: list = []
+        elif variables is not None:
+            trained, frozen = list(variables), []
         else:
             trained = list(model.trainable_variables)
             trained_ids = {id(v) for v in trained}

@@ -255,6 +255,13 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
             )
         return entries, ordered
 
+    def resolve(self, model: keras.Layer) -> list[tuple[object, keras.optimizers.Optimizer]]:
+        """(variable, its sub-optimizer) for each trainable variable of ``model``, without building."""
+        variables = list(model.trainable_variables)
+        routes, ordered = self._resolve(variables, model)
+        by_id = {id(v): self._router.optimizers[i] for v, (_, i, _) in zip(ordered, routes)}
+        return [(v, by_id[id(v)]) for v in variables]
+
     @property
     def routes(self) -> dict[str, keras.optimizers.Optimizer]:
         """The sub-optimizer of every trainable variable, by path, in variable order."""

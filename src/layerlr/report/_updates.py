@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from layerlr.report import _summary
+from layerlr.core import _keras
 from layerlr.core._optimizer import LayerwiseOptimizer
+from layerlr.interop._multi import SelectorMultiOptimizer
+from layerlr.report import _summary
 
 TRAINED = "trained"
 FROZEN = "frozen"
@@ -38,27 +40,10 @@ NOT_UPDATED = "not updated"
 METRICS = ("update_ratio", "weight_norm", "grad_norm")
 
 
-def _first_moment(optimizer) -> tuple[str, str] | None:
-    """(slot list attribute, its decay attribute) where the gradient can be read back."""
-    opts = keras.optimizers
-    if isinstance(optimizer, opts.Lion):
-        return "_momentums", "beta_2"
-    if isinstance(optimizer, opts.Adamax):
-        return "_m", "beta_1"
-    if isinstance(optimizer, (opts.Adam, opts.Nadam, opts.Lamb)):
-        return "_momentums", "beta_1"
-    return None
-
-
 def _unwrap(optimizer):
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return optimizer.inner_optimizer
     return optimizer
-
-
-def _holds(optimizer, variable) -> bool:
-    indices = getattr(optimizer, "_trainable_variables_indices", None) or {}
-    return optimizer._var_key(variable) in indices
 
 
 def _slot_holder(optimizer):
@@ -70,12 +55,6 @@ def _host(value) -> np.ndarray:
     """A float64 copy on the host. A copy, always: torch shares CPU memory with
     numpy and updates in place, JAX reuses donated buffers."""
     return np.array(np.asarray(value), dtype=np.float64, copy=True)
-
-
-def _jax_pending(model) -> bool:
-    """Whether ``fit`` keeps the JAX training state outside the variables now."""
-    state = getattr(model, "_jax_state", None) if keras.backend.backend() == "jax" else None
-    return bool(state) and not getattr(model, "_jax_state_synced", True)
 
 
 def settle(model) -> None:
@@ -93,8 +72,8 @@ def settle(model) -> None:
         return
     import jax
 
-    if _jax_pending(model):
-        state = model._jax_state
+    state = _keras.jax_training_state(model)
+    if state is not None:
         # Plain lists: Keras' TrackedList is no pytree, block_until_ready would skip it.
         arrays = [*(state.get("trainable_variables") or ()), *(state.get("optimizer_variables") or ())]
     else:
@@ -117,8 +96,8 @@ def _values(model, variables) -> list[np.ndarray]:
     variable (``jax_state_sync``) and make the next step fetch it all again. So
     the values come straight from that state.
     """
-    if _jax_pending(model):
-        state = model._jax_state
+    state = _keras.jax_training_state(model)
+    if state is not None:
         arrays: dict[int, object] = {}
         for refs, values in (
             (model.trainable_variables, state.get("trainable_variables")),
@@ -159,12 +138,12 @@ def _created_trainable_in_depth_order(model) -> list[tuple]:
 
 def _sub_optimizer_of(multi, variable, subs, routes):
     for i, sub in enumerate(subs):
-        if _holds(sub, variable):
+        if _keras.knows(sub, variable):
             return i
     if id(variable) in routes:  # layerlr's multi_optimizer, not built yet
         return routes[id(variable)]
     try:  # frozen variables, Keras' OptimizerMap: where the routing would send them
-        routed = multi._optimizer_map(variable)
+        routed = _keras.routing_of(multi)(variable)
     except Exception:  # noqa: BLE001 - layerlr's router refuses unknown variables
         return None
     return next((i for i, sub in enumerate(subs) if sub is routed), None)
@@ -191,25 +170,20 @@ def build_layout(model, groups: str | None) -> Layout:
         subs = list(optimizer.optimizers)
         sub_names = _dedupe([sub.name for sub in subs])
         routes = {}
-        resolve = getattr(optimizer, "_resolve", None)  # layerlr.multi_optimizer
-        if resolve is not None and not optimizer.built:
+        if isinstance(optimizer, SelectorMultiOptimizer) and not optimizer.built:
             # TensorFlow builds the optimizer in the first step, after the
             # first snapshot: route the variables as that build will.
-            resolved = resolve(trainable, model)
-            routes = {id(v): index for v, (_, index, _) in zip(trainable, resolved)}
+            routes = {id(v): subs.index(sub) for v, sub in optimizer.resolve(model)}
         index = {id(v): _sub_optimizer_of(optimizer, v, subs, routes) for v, _ in pairs}
         inner_names: dict[int, dict[int, str]] = {}
         for i, sub in enumerate(subs):
             if not isinstance(sub, LayerwiseOptimizer):
                 continue
-            if sub._layerlr.resolved is not None:
-                variables, entries = sub.inner_optimizer._trainable_variables, sub._layerlr.resolved
-            else:  # not built yet: resolve its rules on what will be routed to it
-                variables = [v for v in trainable if index[id(v)] == i]
-                entries = sub._resolve_rules(variables, model, check_unused=False)
-            keys = _summary._rule_keys(sub, variables, entries, model)
-            key_names = _summary._key_names(sub, keys)
-            inner_names[i] = {id(v): key_names[k] for v, k in zip(variables, keys)}
+            # Before it is built: the rules on what will be routed to it.
+            assignments = sub.resolve() if sub.built else sub.resolve(
+                model, variables=[v for v in trainable if index[id(v)] == i])
+            group_names = _summary._group_names(sub, [a.multipliers for a in assignments])
+            inner_names[i] = {id(a.variable): name for a, name in zip(assignments, group_names)}
         for v, _ in pairs:
             i = index[id(v)]
             if i is None:
@@ -235,9 +209,9 @@ def step_counter(optimizer):
     """(the variable counting every batch the optimizer saw, batches per update)."""
     optimizer = _unwrap(optimizer)
     if isinstance(optimizer, keras.optimizers.MultiOptimizer):
-        return optimizer._iterations, 1
+        return _keras.step_counter(optimizer), 1
     holder = _slot_holder(optimizer)
-    return holder._iterations, int(getattr(holder, "gradient_accumulation_steps", None) or 1)
+    return _keras.step_counter(holder), int(getattr(holder, "gradient_accumulation_steps", None) or 1)
 
 
 @dataclass
@@ -250,13 +224,10 @@ class Snapshot:
 
 
 def _moment_variable(holder, variable):
-    spec = _first_moment(holder)
-    if spec is None or not _holds(holder, variable):
+    spec = _keras.first_moment_slots(holder)
+    if spec is None or spec[0] is None or not _keras.knows(holder, variable):
         return None
-    slots = getattr(holder, spec[0], None)
-    if not slots:
-        return None
-    return slots[holder._get_variable_index(variable)]
+    return spec[0][_keras.variable_index(holder, variable)]
 
 
 def _moments_of(layout: Layout, variables) -> dict[int, object]:
@@ -264,7 +235,7 @@ def _moments_of(layout: Layout, variables) -> dict[int, object]:
     slots = {}
     for v in variables:
         holder = layout.holders.get(id(v))
-        if holder is not None and _first_moment(holder) is not None:
+        if holder is not None and _keras.first_moment_slots(holder) is not None:
             slots[id(v)] = _moment_variable(holder, v)  # None: not built yet
     return slots
 
@@ -316,7 +287,7 @@ def measure(before: Snapshot, model) -> dict[str, dict]:
             if np.array_equal(m0, m1) and np.array_equal(w0, w1):
                 continue  # not updated (lr_mult 0 now, no gradient): nothing to read
             holder = layout.holders[id(v)]
-            beta = float(getattr(holder, _first_moment(holder)[1]))
+            beta = _keras.first_moment_slots(holder)[1]
             grad += _sq((m1 - beta * m0) / (1.0 - beta))
             has_grad = True
         status = TRAINED if (delta > 0 and not skipped) else NOT_UPDATED
@@ -330,7 +301,7 @@ def measure(before: Snapshot, model) -> dict[str, dict]:
 
 
 def warn_without_gradients(layout: Layout) -> None:
-    plain = {type(h).__name__ for h in layout.holders.values() if _first_moment(h) is None}
+    plain = {type(h).__name__ for h in layout.holders.values() if _keras.first_moment_slots(h) is None}
     if plain:
         warnings.warn(
             "layerlr.callbacks.UpdateLogger: grad_norm is read back from the first "

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 
 import keras
 
+from layerlr.core import _keras
 from layerlr.report import _summary, _updates
 from layerlr.presets._unfreezing import GradualUnfreezing
 
@@ -29,20 +29,11 @@ def _callback_list_of(callback) -> keras.callbacks.CallbackList | None:
     Keras does not tell a callback about its siblings; this is the only way to
     see whether a TensorBoard callback runs with it, and in which order.
     """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(10):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, keras.callbacks.CallbackList) and any(
-                c is callback for c in owner.callbacks
-            ):
-                return owner
-    finally:
-        del frame
-    return None
+    return _keras.caller_self(
+        lambda owner: isinstance(owner, keras.callbacks.CallbackList)
+        and any(c is callback for c in owner.callbacks),
+        depth=10,
+    )
 
 
 def _tensorboards(callback) -> tuple[list, list]:
@@ -57,7 +48,7 @@ def _tensorboards(callback) -> tuple[list, list]:
 
 def _write_scalars(tensorboards, values: dict, step: int, tag_prefix: str = "") -> None:
     for tensorboard in tensorboards:
-        with tensorboard._train_writer.as_default():
+        with _keras.tensorboard_writer(tensorboard).as_default():
             for key, value in values.items():
                 if math.isfinite(value):
                     tensorboard.summary.scalar(f"{tag_prefix}{key}", value, step=step)
@@ -270,7 +261,7 @@ class UpdateLogger(keras.callbacks.Callback):
     def _bare_model(self):
         # On JAX `self.model` writes the training state back into every
         # variable; the measurements read the state itself (`_updates._values`).
-        return self._model if keras.backend.backend() == "jax" else self.model
+        return _keras.callback_model(self)
 
     def _settle(self):
         # JAX: wait for the steps dispatched so far, once, before the reads.
