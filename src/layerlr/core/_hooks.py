@@ -326,7 +326,11 @@ def _item(value):
 
 def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_state,
                   effective_decay, keras_variables):
-    """Torch fused optimizers: one fused update per (lr_mult, decay, start step) group."""
+    """Torch fused optimizers: one fused update per (lr_mult, decay, start step) group.
+
+    For subclasses of the fused optimizers (whose step `_torch_fused` does not
+    mirror), non-float32 variables and torch.compile.
+    """
     import torch
 
     def parallel_update_step(grads, variables, learning_rate):
@@ -337,33 +341,18 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
             # TF and JAX; Nadam's product still advances once per step.
             advance_late_state(inner, late_state)
             return _keras.per_variable_update_step(inner, grads, variables, learning_rate)
-        groups: dict[tuple, tuple[list, list, list]] = {}
-        for grad, variable in zip(grads, variables):
-            index = _keras.variable_index(inner, variable)
-            lr_mult = lr_mults[index]
-            if isinstance(lr_mult, float) and lr_mult == 0.0:
-                continue
-            # Schedules group by identity; equal constants group together.
-            no_decay = _keras.base_weight_decay(inner, keras_variables[index]) is None
-            key = (lr_mult, decay_mults[index], no_decay, start_steps[index])
-            group = groups.setdefault(key, ([], [], []))
-            group[0].append(grad)
-            group[1].append(variable)
-            group[2].append(index)
-
+        groups = _groups(inner, grads, variables, lr_mults, decay_mults, start_steps, keras_variables)
         # Once-per-step state (Nadam's product) is advanced inside the fused
         # step: each group must start from its value before this step.
-        once_per_step = {start: _once_per_step_state(inner, start, late_state)
-                         for start in {0, *late_state}}
-        before = {id(v): torch.clone(v.value) for state in once_per_step.values() for v in state}
+        state = {0: _own_once_per_step_state(inner), **late_state}
+        before = {id(v): torch.clone(v.value) for per_start in state.values() for v in per_start.values()}
         advanced: set[int] = set()
         for (lr_mult, _, _, start), (group_grads, group_vars, indices) in groups.items():
             lr_mult = _at_step(lr_mult, inner)
             # Eager torch: a scheduled multiplier at 0 skips its group on the host.
             if not isinstance(lr_mult, float) and float(lr_mult) == 0.0:
                 continue
-            for variable in once_per_step.get(start, ()):
-                variable.assign(before[id(variable)])
+            _restore(state.get(start, {}), before)
             rate = _scaled(learning_rate, lr_mult)
             weight_decay = effective_decay(indices[0])
             if weight_decay is not None:
@@ -373,16 +362,40 @@ def _grouped_step(inner, fused_step, lr_mults, decay_mults, start_steps, late_st
                 fused_step(group_grads, group_vars, rate)
             advanced.add(start)
         # As on TF and JAX, the state advances every step, trained or not.
-        if 0 not in advanced and once_per_step[0]:
-            for variable in once_per_step[0]:
-                variable.assign(before[id(variable)])
-            advance_late_state(inner, {0: {name: getattr(inner, name) for name in _keras.ONCE_PER_STEP_STATE if hasattr(inner, name)}})
-        advance_late_state(inner, {s: st for s, st in late_state.items() if s not in advanced})
+        untrained = {s: per_start for s, per_start in state.items() if s not in advanced and per_start}
+        if 0 in untrained:
+            _restore(untrained[0], before)
+        advance_late_state(inner, untrained)
 
     return parallel_update_step
 
 
-def _once_per_step_state(inner, start: int, late_state: dict) -> list:
-    if start:
-        return list(late_state.get(start, {}).values())
-    return [getattr(inner, name) for name in _keras.ONCE_PER_STEP_STATE if hasattr(inner, name)]
+def _groups(inner, grads, variables, lr_mults, decay_mults, start_steps, keras_variables) -> dict:
+    """``{(lr_mult, decay_mult, no decay, start step): (grads, variables, indices)}``.
+
+    Schedules group by identity, equal constants together; a constant 0 is
+    left out (variable and slots untouched).
+    """
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    for grad, variable in zip(grads, variables):
+        index = _keras.variable_index(inner, variable)
+        lr_mult = lr_mults[index]
+        if isinstance(lr_mult, float) and lr_mult == 0.0:
+            continue
+        no_decay = _keras.base_weight_decay(inner, keras_variables[index]) is None
+        key = (lr_mult, decay_mults[index], no_decay, start_steps[index])
+        group = groups.setdefault(key, ([], [], []))
+        group[0].append(grad)
+        group[1].append(variable)
+        group[2].append(index)
+    return groups
+
+
+def _restore(state: dict, before: dict) -> None:
+    for variable in state.values():
+        variable.assign(before[id(variable)])
+
+
+def _own_once_per_step_state(inner) -> dict:
+    """The optimizer's own once-per-step state (Nadam's product), by attribute name."""
+    return {name: getattr(inner, name) for name in _keras.ONCE_PER_STEP_STATE if hasattr(inner, name)}

@@ -34,6 +34,7 @@ from layerlr.core._resolution import (
     VariableMultipliers,
     match_in_model,
     multipliers_of,
+    saved_rules_drift,
     structure_lookup,
     value_now,
     weight_decay_now,
@@ -463,13 +464,10 @@ class LayerwiseOptimizer(_Wrapper):
         rules = self._layerlr.lr_rules + self._layerlr.decay_rules
         if not all(r.selector.resolvable for r in rules):
             return entries, ordered  # bound to live objects: nothing to cross-check
-        try:
-            fresh = self._multipliers_of(ordered, model)
-        except ValueError as error:
-            reason = str(error)
-        else:
-            changed = [f.path for f, e in zip(fresh, entries) if not f.same_multipliers(e)]
-            reason = f"they now give other multipliers for {changed[:3]}" if changed else None
+        reason = saved_rules_drift(
+            lambda: self._multipliers_of(ordered, model), entries, VariableMultipliers.same_multipliers,
+            lambda e: e.path, "they now give other multipliers for {}",
+        )
         if reason:
             warnings.warn(
                 "layerlr: the saved rules no longer resolve as when the model "

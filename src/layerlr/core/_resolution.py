@@ -224,6 +224,23 @@ def match_saved(saved_paths: Sequence[str], trainable, frozen, path_of=variable_
     return chosen
 
 
+def saved_rules_drift(resolve_again: Callable[[], Sequence], saved: Sequence, same: Callable,
+                      path_of: Callable, changed: str) -> str | None:
+    """Why the rules, resolved again, no longer give what was saved; None when they do.
+
+    After ``load_model`` the saved per-variable settings are kept either way;
+    this only says whether to warn (rules anchored on outer-model path
+    prefixes break across loading). ``changed`` is the reason's text with
+    ``{}`` for the first paths that differ.
+    """
+    try:
+        fresh = resolve_again()
+    except ValueError as error:
+        return str(error)
+    paths = [path_of(s) for f, s in zip(fresh, saved) if not same(f, s)]
+    return changed.format(paths[:3]) if paths else None
+
+
 def structure_lookup(model) -> Callable[[Any], str] | None:
     """variable -> its `structural_path` in ``model`` (None without a model)."""
     if model is None:

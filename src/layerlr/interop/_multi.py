@@ -25,7 +25,7 @@ from typing import Any, Union
 import keras
 
 from layerlr.core import _keras, _rules
-from layerlr.core._resolution import match_in_model, resolve_in_model
+from layerlr.core._resolution import match_in_model, resolve_in_model, saved_rules_drift
 
 GroupSpec = Union[
     Mapping[Any, keras.optimizers.Optimizer],
@@ -238,13 +238,10 @@ class SelectorMultiOptimizer(keras.optimizers.MultiOptimizer):
         entries = tuple((_rules.variable_path(v), i, rule) for v, (_, i, rule) in zip(ordered, saved))
         if not all(sel.resolvable for sel, _ in router.groups):
             return entries, ordered  # bound to live objects: nothing to cross-check
-        try:
-            fresh = self._resolve_rules(ordered, model)
-        except ValueError as error:
-            reason = str(error)
-        else:
-            changed = [f[0] for f, e in zip(fresh, entries) if f[1] != e[1]]
-            reason = f"they now route {changed[:3]} elsewhere" if changed else None
+        reason = saved_rules_drift(
+            lambda: self._resolve_rules(ordered, model), entries, lambda fresh, saved: fresh[1] == saved[1],
+            lambda e: e[0], "they now route {} elsewhere",
+        )
         if reason:
             warnings.warn(
                 "layerlr: the saved multi_optimizer groups no longer resolve as when "
