@@ -78,7 +78,7 @@ def xla_part(rounds: int) -> None:
                 rates = [lr * c for c in jax.lax.optimization_barrier(consts)]
             elif kind == "cond":
                 zeros = tuple(jnp.zeros((), jnp.float32) for _ in consts)
-                rates = [lr * c for c in jax.lax.cond(lr == lr, lambda: consts, lambda: zeros)]
+                rates = [lr * c for c in jax.lax.cond(lr == lr, lambda: consts, lambda: zeros)]  # noqa: PLR0124
             elif kind == "vector":
                 local_step = (iterations + 1).astype(jnp.float32)
                 beta_1_power = jnp.power(jnp.float32(BETA_1), local_step)
@@ -91,7 +91,7 @@ def xla_part(rounds: int) -> None:
         return f
 
     rng = np.random.default_rng(0)
-    arrays = lambda: [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in SHAPES]  # noqa: E731
+    arrays = lambda: [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in SHAPES]
     grads, values, moments = arrays(), arrays(), arrays()
     velocities = [jnp.abs(x) for x in arrays()]
     lr, iterations = jnp.float32(1e-3), jnp.int32(3)

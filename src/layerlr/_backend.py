@@ -228,5 +228,6 @@ def opaque_constants(values, reference):
             return None
         constants = tuple(jnp.asarray(v, reference.dtype) for v in values)
         zeros = tuple(jnp.zeros((), reference.dtype) for _ in values)
-        return dict(zip(values, jax.lax.cond(reference == reference, lambda: constants, lambda: zeros)))
+        undecidable = reference == reference  # noqa: PLR0124 (false only for NaN, unknown to XLA)
+        return dict(zip(values, jax.lax.cond(undecidable, lambda: constants, lambda: zeros)))
     return None
