@@ -175,3 +175,38 @@ def test_multipliers_are_compile_time_constants_of_the_jitted_step():
     d1 = next(m for p, m in moved.items() if p.endswith("d1/bias"))
     head = next(m for p, m in moved.items() if p.endswith("head/bias"))
     assert head / d1 == pytest.approx(10.0, rel=1e-3)
+
+
+def test_distinct_constant_multipliers_reach_the_jitted_step_as_the_same_values(monkeypatch):
+    """Two or more distinct constants are read at run time (one XLA kernel for their
+    step sizes, not one each) and train bit-identically to the constants folded in."""
+    import jax
+
+    from layerlr.core import _keras as _backend
+
+    models = twin_models()  # the same initial weights
+    opaque = _backend.opaque_constants
+    returned = []
+
+    def spy(values, reference):
+        result = opaque(values, reference)
+        returned.append(result is not None)
+        return result
+
+    def train(read_at_run_time):
+        monkeypatch.setattr(_backend, "opaque_constants", spy if read_at_run_time else (lambda *a: None))
+        model = models[read_at_run_time]
+        opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(0.01), lr_mult=LR_RULES)
+        opt.build(model)
+        apply = jax.jit(opt.stateless_apply)
+        trainable = [v.value for v in model.trainable_variables]
+        opt_vars = [v.value for v in opt.variables]
+        grads = [keras.ops.ones_like(v) * (i + 1) for i, v in enumerate(trainable)]
+        for _ in range(4):
+            trainable, opt_vars = apply(opt_vars, grads, trainable)
+        return [np.asarray(t) for t in trainable]
+
+    folded = train(False)
+    at_run_time = train(True)
+    assert returned == [True]  # traced once, with the run-time values
+    assert all(np.array_equal(a, b) for a, b in zip(folded, at_run_time))

@@ -157,6 +157,9 @@ def install(
             if isinstance(lr_mult, float)
             else _writes_only_if(inner, cached(("on", key), lambda: ops.greater(lr_mult, 0)))
         )
+        opaque = step_cache.get("opaque") if step_cache else None
+        if opaque and isinstance(lr_mult, float) and lr_mult in opaque:
+            lr_mult = opaque[lr_mult]  # the same value, read at run time
         source, scaled = cached(("lr", key), lambda: (learning_rate, _scaled(learning_rate, lr_mult)))
         learning_rate = scaled if source is learning_rate else _scaled(learning_rate, lr_mult)
         with gate:
@@ -174,10 +177,15 @@ def install(
         if late_state and not (fused and not _keras.torch_compiling()):
             advance_late_state(inner, late_state)
         step_cache = {}
+        if len(constants) > 1:
+            step_cache["opaque"] = _keras.opaque_constants(constants, learning_rate)
         try:
             return originals["backend_update_step"](grads, variables, learning_rate)
         finally:
             step_cache = None
+
+    # Distinct constant multipliers other than 0 and 1 (see `_keras.opaque_constants`).
+    constants = tuple(sorted({m for m in lr_mults if isinstance(m, float) and m not in (0.0, 1.0)}))
 
     parallel_update_step = None
     if fused:

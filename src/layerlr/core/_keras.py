@@ -494,6 +494,38 @@ def steps_counted_from(inner, start: int):
     return swapped(inner, {"_iterations": inner._iterations - start * (inner.gradient_accumulation_steps or 1)})
 
 
+# --- compiled steps: constants XLA must not fold ------------------------------------
+
+
+def opaque_constants(values, reference):
+    """The Python floats ``values`` as run-time scalars that XLA cannot fold, or None.
+
+    XLA:CPU compiles each distinct small (scalar) fusion on its own and shares
+    the code of identical ones. A constant multiplier folds into the scalar
+    arithmetic of its variable's update (Adam's step size), so 54 distinct
+    multipliers compile 54 distinct scalar kernels; the same multipliers read
+    from buffers compile one. Returned by a conditional whose predicate XLA
+    cannot decide (``reference == reference``), the values are such buffers,
+    holding the same numbers: in ``reference``'s dtype, as a Python float is
+    converted when multiplied by it. Were the predicate false (``reference``
+    NaN), the values would be 0, and a product with ``reference`` is NaN
+    either way. Only while jax.jit traces a step; None elsewhere (eagerly
+    there is nothing to compile, and TensorFlow + XLA compiled no faster).
+    """
+    reference = getattr(reference, "value", reference)
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        if not isinstance(reference, jax.core.Tracer) or reference.ndim != 0:
+            return None
+        constants = tuple(jnp.asarray(v, reference.dtype) for v in values)
+        zeros = tuple(jnp.zeros((), reference.dtype) for _ in values)
+        undecidable = reference == reference  # noqa: PLR0124 (false only for NaN, unknown to XLA)
+        return dict(zip(values, jax.lax.cond(undecidable, lambda: constants, lambda: zeros)))
+    return None
+
+
 # --- weight decay -----------------------------------------------------------------------
 # Keras: BaseOptimizer._apply_weight_decay / _use_weight_decay; Muon._should_use_adamw (checked
 #   with 3.15.1 and 3.16 nightly). Caught by: tests/test_equivalence.py,
