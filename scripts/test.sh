@@ -5,6 +5,7 @@
 #   bash scripts/test.sh                        # what CI runs
 #   FULL=1 bash scripts/test.sh                 # every file on every backend, slow tests too
 #   BACKENDS=jax bash scripts/test.sh -k saving # extra args go to pytest
+#   WORKERS=1 bash scripts/test.sh              # one pytest process (default: one per core)
 # Then Keras' own optimizer tests through the wrapper: all of them on
 # TensorFlow (tests/test_keras_suite.py), a slice on JAX and torch here (all
 # with FULL=1; scripts/keras_suite.sh runs all of them everywhere; skipped
@@ -45,7 +46,9 @@ for backend in ${BACKENDS:-tensorflow jax torch}; do
         read -r -a targets <<< "$(echo $BACKEND_SENSITIVE)"
         marker=(-m "not slow")
     fi
-    KERAS_BACKEND=$backend .venv/bin/python -m pytest -q "${marker[@]}" "${targets[@]}" "$@" || status=1
+    # Tests run in parallel processes (pytest-xdist), one per core: most of
+    # their time is single-threaded Python (tracing, Keras' bookkeeping).
+    KERAS_BACKEND=$backend .venv/bin/python -m pytest -q -n "${WORKERS:-auto}" "${marker[@]}" "${targets[@]}" "$@" || status=1
 done
 
 if [ $# -eq 0 ] && [ "${KERAS_SUITE:-1}" != 0 ]; then

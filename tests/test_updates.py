@@ -274,16 +274,15 @@ def test_bad_arguments_are_refused():
 def test_on_jax_the_logger_waits_for_the_dispatched_steps_before_it_reads():
     # The wait is done once, apart from the reads (the benchmark times it
     # apart): after it, every array of the training state is computed.
-    from layerlr import _updates
+    from layerlr.core import _keras
 
     seen = []
 
     class Waiting(UpdateLogger):
         def _settle(self):
             super()._settle()
-            model = self._bare_model()
-            if _updates._jax_pending(model):
-                state = model._jax_state
+            state = _keras.jax_training_state(self._bare_model())
+            if state is not None:
                 arrays = [*state["trainable_variables"], *state["optimizer_variables"]]
                 seen.append(all(a.is_ready() for a in arrays))
 

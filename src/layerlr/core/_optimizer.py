@@ -613,7 +613,8 @@ class LayerwiseOptimizer(_Wrapper):
         >>> lines[-1]
         'Trainable: 8 params in 2 variables.'
         """
-        from layerlr.report._summary import print_summary  # _summary imports this module
+        # The one upward import (docs/architecture.md): the table is the report's.
+        from layerlr.report._summary import print_summary
 
         print_summary(self, model, width=width, print_fn=print_fn)
 

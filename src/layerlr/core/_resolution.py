@@ -123,10 +123,15 @@ def resolve_in_model(
     A rule that selects only frozen variables is not an error: its multiplier
     applies once they are unfrozen.
     """
+    return _rules.resolve(rules, variables, kind, *_model_context(model, rules), check_unused)
+
+
+def _model_context(model, rules) -> tuple:
+    """(layer lookup if the rules need one, frozen candidates, ids of the model's weights)."""
+    if model is None:
+        return None, (), None
     layers_of = layer_lookup(model) if _needs_model(rules) else None
-    frozen = _keras.frozen_weights(model) if model is not None else ()
-    known = None if model is None else {id(w) for w in model.weights}
-    return _rules.resolve(rules, variables, kind, layers_of, frozen, known, check_unused)
+    return layers_of, _keras.frozen_weights(model), {id(w) for w in model.weights}
 
 
 def multipliers_of(
@@ -143,8 +148,9 @@ def multipliers_of(
     """
     if model is None and _needs_model(lr_rules + decay_rules):
         model = _keras.find_model(variables)
-    lrs = resolve_in_model(lr_rules, variables, "lr_mult", model, check_unused)
-    decays = resolve_in_model(decay_rules, variables, "decay_mult", model, check_unused)
+    context = _model_context(model, lr_rules + decay_rules)  # computed once for both
+    lrs = _rules.resolve(lr_rules, variables, "lr_mult", *context, check_unused)
+    decays = _rules.resolve(decay_rules, variables, "decay_mult", *context, check_unused)
     return tuple(
         VariableMultipliers(
             _rules.variable_path(v), lr, decay,
