@@ -18,6 +18,7 @@ in the inventory too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Mapping
 
@@ -184,6 +185,7 @@ ONCE_PER_STEP_STATE = {"_u_product": _nadam_momentum_product_step}
 #   3.15.1 and 3.16 nightly). Caught by: tests/test_torch_backend.py.
 
 
+@functools.cache
 def torch_foreach():
     """torch's fused multi-tensor ops by short name: ``mul_`` is ``torch._foreach_mul_``."""
     import torch
@@ -581,6 +583,11 @@ def sublayers(layer, include_self: bool = True, recursive: bool = True) -> list:
 def created_trainable(layer) -> list:
     """The variables ``layer`` itself created trainable (still listed while it is frozen)."""
     return list(getattr(layer, "_trainable_variables", ()))
+
+
+def created_trainable_ids(model) -> set[int]:
+    """Ids of every variable created trainable in ``model`` (frozen layers' included)."""
+    return {id(v) for layer in sublayers(model) for v in created_trainable(layer)}
 
 
 def is_functional(model) -> bool:

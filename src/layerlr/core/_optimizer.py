@@ -546,7 +546,7 @@ class LayerwiseOptimizer(_Wrapper):
         else:
             trained = list(model.trainable_variables)
             trained_ids = {id(v) for v in trained}
-            created = {id(v) for layer in _keras.sublayers(model) for v in _keras.created_trainable(layer)}
+            created = _keras.created_trainable_ids(model)
             frozen = [w for w in model.weights if id(w) in created and id(w) not in trained_ids]
         entries = dict(known)
         if not known:

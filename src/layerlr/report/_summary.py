@@ -137,11 +137,6 @@ def _variables_in_depth_order(model) -> list[tuple[Any, keras.Layer]]:
     return pairs
 
 
-def _created_trainable(model) -> set[int]:
-    """Variables created trainable: those of a frozen layer become trainable again."""
-    return {id(v) for layer in _keras.sublayers(model) for v in _keras.created_trainable(layer)}
-
-
 def _collect(optimizer, model=None) -> _Report:
     if model is not None:
         _check_model(model)

@@ -132,7 +132,7 @@ def _dedupe(names: list[str]) -> list[str]:
 
 
 def _created_trainable_in_depth_order(model) -> list[tuple]:
-    created = _summary._created_trainable(model)
+    created = _keras.created_trainable_ids(model)
     return [(v, layer) for v, layer in _summary._variables_in_depth_order(model) if id(v) in created]
 
 
