@@ -13,6 +13,7 @@ GPU), so the timings stay honest on asynchronous devices.
 
 from __future__ import annotations
 
+import gc
 import time
 
 import keras
@@ -52,6 +53,11 @@ class Runner:
 
     def first_call(self, factory, *args) -> tuple[float, object]:
         """Seconds from a fresh function to its first result (trace + compile + run)."""
+        # Every contender starts with the same garbage collector state: the
+        # process holds every earlier compiled step, so a full collection
+        # that happens to fall inside one contender's trace costs it up to a
+        # third of a second that has nothing to do with its own code.
+        gc.collect()
         start = time.perf_counter()
         fn = factory()
         fn(*args)

@@ -4,22 +4,33 @@ Two parts, both interleaved (random order each round), medians and paired
 ratios to plain:
 
 ``--part xla``: plain JAX, no Keras. An Adam step over the 54 variable shapes of
-the `tfm_pv` model, written as Keras' ``Adam.update_step`` computes it, in five
+the `tfm_pv` model, written as Keras' ``Adam.update_step`` computes it, in six
 ways: ``plain`` (one shared rate), ``folded`` (rate x a Python constant per
 variable: what layerlr traced before), ``vector`` (all 54 step sizes in one
 vector op over a constant vector of multipliers, each update reading its
-element), ``barrier`` (the constants behind ``jax.lax.optimization_barrier``)
-and ``cond`` (the constants returned by a ``jax.lax.cond`` whose predicate XLA
-cannot decide: what layerlr does now, `layerlr.core._keras.opaque_constants`).
-Reports ``.lower().compile()`` time, the compiled step's time (state donated)
-and the largest difference from ``folded``.
+element), ``barrier`` (the constants behind ``jax.lax.optimization_barrier``),
+``cond`` (the constants returned by a ``jax.lax.cond`` whose predicate XLA
+cannot decide: what layerlr does now, `layerlr.core._keras.opaque_constants`)
+and ``cond_kept`` (the same, with the conditional's outputs read once more by
+the last update so they stay alive to the end of the step, as layerlr does
+since: `layerlr.core._keras.hold_until_updated`). Without that read XLA:CPU
+puts each step size into the four bytes of the multiplier the previous one
+has just read, and its thunk executor then orders the 54 step-size kernels
+one after another (a false dependency through that memory), which costs on
+two or more threads. Reports ``.lower().compile()`` time, the compiled
+step's time (state donated) and the largest difference from ``folded``.
 
 ``--part keras``: the benchmark harness' full JAX training step of `tfm_pv`
 (forward, gradients, optimizer), fresh ``jax.jit`` each time, split into trace
 (``.lower()``) and XLA compile, for plain Adam, layerlr, layerlr with the
 multipliers folded as constants (the code before) and MultiOptimizer.
 
-Run:  python benchmarks/jax_constants.py [--part xla keras] [--rounds 5]
+``--part step``: the harness' optimizer-only step (fixed gradients, state
+donated), compiled once, timed in interleaved rounds: plain, layerlr,
+layerlr without the read at the end (``layerlr_unheld``), layerlr with the
+constants folded and MultiOptimizer.
+
+Run:  python benchmarks/jax_constants.py [--part xla keras step] [--rounds 5]
 
 Not a test: timings depend on the machine and its load.
 """
@@ -27,6 +38,7 @@ Not a test: timings depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -76,9 +88,10 @@ def xla_part(rounds: int) -> None:
                 rates = [lr * c for c in MULTS]
             elif kind == "barrier":
                 rates = [lr * c for c in jax.lax.optimization_barrier(consts)]
-            elif kind == "cond":
+            elif kind in ("cond", "cond_kept"):
                 zeros = tuple(jnp.zeros((), jnp.float32) for _ in consts)
-                rates = [lr * c for c in jax.lax.cond(lr == lr, lambda: consts, lambda: zeros)]  # noqa: PLR0124
+                kept = jax.lax.cond(lr == lr, lambda: consts, lambda: zeros)  # noqa: PLR0124
+                rates = [lr * c for c in kept]
             elif kind == "vector":
                 local_step = (iterations + 1).astype(jnp.float32)
                 beta_1_power = jnp.power(jnp.float32(BETA_1), local_step)
@@ -87,6 +100,8 @@ def xla_part(rounds: int) -> None:
                 rates = [lr] * len(SHAPES)
                 alphas = [vector[i] for i in range(len(SHAPES))]
             out = [adam(*args) for args in zip(grads, vs, ms, us, rates, [iterations] * len(SHAPES), alphas)]
+            if kind == "cond_kept":  # x * (1 + 0 * finite) is x exactly
+                out[-1] = (out[-1][0] * (1 + 0 * sum(kept)),) + out[-1][1:]
             return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
         return f
 
@@ -95,7 +110,7 @@ def xla_part(rounds: int) -> None:
     grads, values, moments = arrays(), arrays(), arrays()
     velocities = [jnp.abs(x) for x in arrays()]
     lr, iterations = jnp.float32(1e-3), jnp.int32(3)
-    kinds = ["plain", "folded", "vector", "barrier", "cond"]
+    kinds = ["plain", "folded", "vector", "barrier", "cond", "cond_kept"]
     compile_s = {k: [] for k in kinds}
     compiled, state, result = {}, {}, {}
     for _ in range(rounds):
@@ -121,33 +136,55 @@ def xla_part(rounds: int) -> None:
     print(f"plain JAX, Adam over {len(SHAPES)} variables, {rounds} compile rounds:")
     for kind in kinds:
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(result[kind], result["folded"]))
-        print(f"  {kind:8s} compile {statistics.median(compile_s[kind]):.3f} s"
+        print(f"  {kind:9s} compile {statistics.median(compile_s[kind]):.3f} s"
               f" ({_median_ratio(compile_s[kind], compile_s['plain']):.2f}x plain)"
               f"   step {statistics.median(step_s[kind]) * 1e3:.3f} ms"
               f" ({_median_ratio(step_s[kind], step_s['plain']):.2f}x plain)"
               f"   max |w - w_folded| {diff:.1e}")
 
 
-def keras_part(rounds: int) -> None:
-    import jax
+# layerlr with one of its run-time-constant pieces switched off (the code before).
+VARIANTS = {"layerlr_unheld": {"hold_until_updated": lambda *a: None},
+            "layerlr_folded": {"opaque_constants": lambda *a: None}}
 
+
+def _keras_runners(kinds):
     from benchmarks import _contenders, _harness, _models
-    from layerlr.core import _keras as _backend
 
     spec = _models.MODELS["tfm_pv"](2)
     variables = spec.model.trainable_variables
     initial = spec.model.get_weights()
-    opaque = _backend.opaque_constants
-    kinds = {"plain": "plain", "layerlr": "layerlr", "layerlr_folded": "layerlr", "multi": "multi"}
     runners = {}
-    for kind, key in kinds.items():
-        contender = _contenders.CONTENDERS[key](spec)
+    for kind in kinds:
+        contender = _contenders.CONTENDERS[kind.split("_")[0]](spec)
         contender.build(variables)
         runners[kind] = _harness.runner(spec, contender, True)
         runners[kind].reset(initial)
+    return runners
+
+
+@contextlib.contextmanager
+def _variant(kind):
+    from layerlr.core import _keras as _backend
+
+    patches = VARIANTS.get(kind, {})
+    saved = {name: getattr(_backend, name) for name in patches}
+    for name, value in patches.items():
+        setattr(_backend, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(_backend, name, value)
+
+
+def keras_part(rounds: int) -> None:
+    import jax
+
+    kinds = ["plain", "layerlr", "layerlr_folded", "multi"]
+    runners = _keras_runners(kinds)
 
     def first_call(kind):
-        _backend.opaque_constants = (lambda *a: None) if kind == "layerlr_folded" else opaque
         run = runners[kind]
 
         def step(tv, ntv, ov, x, y):  # the harness' full step
@@ -155,21 +192,21 @@ def keras_part(rounds: int) -> None:
             tv, ov = run._stateless_apply(ov, grads, tv)
             return (tv, ntv, ov), loss
 
-        start = time.perf_counter()
-        lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*run.state, run.x[0], run.y[0])
-        traced = time.perf_counter()
-        lowered.compile()
+        with _variant(kind):
+            start = time.perf_counter()
+            lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*run.state, run.x[0], run.y[0])
+            traced = time.perf_counter()
+            lowered.compile()
         return traced - start, time.perf_counter() - traced
 
     first_call("plain")  # one-time costs
     trace = {k: [] for k in kinds}
     compile_s = {k: [] for k in kinds}
     for _ in range(rounds):
-        for kind in random.sample(list(kinds), len(kinds)):
+        for kind in random.sample(kinds, len(kinds)):
             a, b = first_call(kind)
             trace[kind].append(a)
             compile_s[kind].append(b)
-    _backend.opaque_constants = opaque
     total = {k: [a + b for a, b in zip(trace[k], compile_s[k])] for k in kinds}
     print(f"Keras, tfm_pv full training step (54 distinct multipliers), {rounds} rounds:")
     for kind in kinds:
@@ -181,9 +218,39 @@ def keras_part(rounds: int) -> None:
               f" {_median_ratio(total[kind], total['multi']):.2f}x MultiOptimizer)")
 
 
+def step_part(rounds: int) -> None:
+    import jax
+
+    kinds = ["plain", "layerlr", "layerlr_unheld", "layerlr_folded", "multi"]
+    runners = _keras_runners(kinds)
+    grads = runners["plain"].gradients()
+    compiled = {}
+    for kind, run in runners.items():
+        with _variant(kind):  # the harness' optimizer-only step, compiled once
+            compiled[kind] = jax.jit(
+                lambda tv, ov, g, run=run: run._stateless_apply(ov, g, tv), donate_argnums=(0, 1)
+            ).lower(run.state[0], run.state[2], grads).compile()
+    step_s = {k: [] for k in kinds}
+    for _ in range(10 * rounds):
+        for kind in random.sample(kinds, len(kinds)):
+            run, times = runners[kind], []
+            for _ in range(5):
+                tv, ntv, ov = run.state
+                start = time.perf_counter()
+                tv, ov = compiled[kind](tv, ov, grads)
+                jax.block_until_ready(tv[-1])
+                times.append(time.perf_counter() - start)
+                run.state = (tv, ntv, ov)
+            step_s[kind].append(statistics.median(times))
+    print(f"Keras, tfm_pv optimizer step (54 distinct multipliers), {10 * rounds} rounds:")
+    for kind in kinds:
+        print(f"  {kind:15s} {statistics.median(step_s[kind]) * 1e3:.3f} ms"
+              f" ({_median_ratio(step_s[kind], step_s['plain']):.2f}x plain)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", nargs="+", choices=["xla", "keras"], default=["xla", "keras"])
+    p.add_argument("--part", nargs="+", choices=["xla", "keras", "step"], default=["xla", "keras", "step"])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.1f}")
@@ -191,6 +258,8 @@ def main(argv=None) -> None:
         xla_part(args.rounds)
     if "keras" in args.part:
         keras_part(args.rounds)
+    if "step" in args.part:
+        step_part(args.rounds)
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 

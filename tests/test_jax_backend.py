@@ -18,7 +18,7 @@ import keras
 import layerlr
 from conftest import only_on
 from helpers import (
-    DECAY_RULES, LR_RULES, data, hand_multipliers, max_abs_diff, reference_optimizer,
+    DECAY_RULES, LR_RULES, data, hand_multipliers, make_model, max_abs_diff, reference_optimizer,
     twin_models,
 )
 
@@ -210,3 +210,44 @@ def test_distinct_constant_multipliers_reach_the_jitted_step_as_the_same_values(
     at_run_time = train(True)
     assert returned == [True]  # traced once, with the run-time values
     assert all(np.array_equal(a, b) for a, b in zip(folded, at_run_time))
+
+
+def test_distinct_constant_multipliers_stay_folded_off_cpu(monkeypatch):
+    """On an accelerator the conditional would read its predicate back to the host
+    every step, so the constants stay in the compiled code there."""
+    import jax
+
+    from layerlr.core import _keras as _backend
+
+    returned = []
+
+    def probe(lr):
+        returned.append(_backend.opaque_constants((0.5, 0.25), lr))
+        return lr
+
+    jax.jit(probe)(jax.numpy.float32(0.1))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jax.jit(lambda lr: probe(lr))(jax.numpy.float32(0.1))  # a new function: traced again
+    assert sorted(returned[0]) == [0.25, 0.5] and returned[1] is None
+
+
+def test_the_variable_that_holds_the_run_time_constants_is_left_exactly_as_its_update_makes_it():
+    """The first variable also reads the run-time constants (``_keras.hold_until_updated``):
+    frozen by ``lr_mult=0`` it stays bit-identical, and the others train as before."""
+    import jax
+
+    model = make_model()
+    first = model.trainable_variables[0].path
+    opt = layerlr.LayerwiseOptimizer(
+        keras.optimizers.Adam(0.01), lr_mult=[(first, 0.0)] + LR_RULES[1:] + [("d1/bias", 0.25)]
+    )
+    opt.build(model)
+    before = np.asarray(model.trainable_variables[0].value)
+    apply = jax.jit(opt.stateless_apply)
+    trainable = [v.value for v in model.trainable_variables]
+    opt_vars = [v.value for v in opt.variables]
+    grads = [keras.ops.ones_like(v) * (i + 1) for i, v in enumerate(trainable)]
+    for _ in range(3):
+        trainable, opt_vars = apply(opt_vars, grads, trainable)
+    assert np.array_equal(np.asarray(trainable[0]), before)
+    assert not np.array_equal(np.asarray(trainable[1]), np.asarray(model.trainable_variables[1].value))

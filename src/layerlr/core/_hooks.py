@@ -180,7 +180,12 @@ def install(
         if len(constants) > 1:
             step_cache["opaque"] = _keras.opaque_constants(constants, learning_rate)
         try:
-            return originals["backend_update_step"](grads, variables, learning_rate)
+            result = originals["backend_update_step"](grads, variables, learning_rate)
+            if step_cache.get("opaque"):
+                # The first variable's gradient comes last in backpropagation,
+                # so its update is among the last operations of a training step.
+                _keras.hold_until_updated(step_cache["opaque"], variables[0])
+            return result
         finally:
             step_cache = None
 

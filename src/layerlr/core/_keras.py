@@ -511,8 +511,10 @@ def opaque_constants(values, reference):
     holding the same numbers: in ``reference``'s dtype, as a Python float is
     converted when multiplied by it. Were the predicate false (``reference``
     NaN), the values would be 0, and a product with ``reference`` is NaN
-    either way. Only while jax.jit traces a step; None elsewhere (eagerly
-    there is nothing to compile, and TensorFlow + XLA compiled no faster).
+    either way. Only while jax.jit traces a step for XLA:CPU; None elsewhere:
+    eagerly there is nothing to compile, TensorFlow + XLA compiled no faster,
+    and XLA:GPU runs a conditional by reading its predicate back to the host,
+    a wait on every step that folded constants do not have.
     """
     reference = getattr(reference, "value", reference)
     if keras.backend.backend() == "jax":
@@ -521,11 +523,32 @@ def opaque_constants(values, reference):
 
         if not isinstance(reference, jax.core.Tracer) or reference.ndim != 0:
             return None
+        if jax.default_backend() != "cpu":
+            return None
         constants = tuple(jnp.asarray(v, reference.dtype) for v in values)
         zeros = tuple(jnp.zeros((), reference.dtype) for _ in values)
         undecidable = reference == reference  # noqa: PLR0124 (false only for NaN, unknown to XLA)
         return dict(zip(values, jax.lax.cond(undecidable, lambda: constants, lambda: zeros)))
     return None
+
+
+def hold_until_updated(opaque: dict, variable) -> None:
+    """Reads the run-time constants of ``opaque_constants`` once more, in ``variable``'s update.
+
+    Read only by the step sizes, each of those four-byte buffers dies as soon
+    as its step size is computed, and XLA:CPU puts the next step size there;
+    its thunk executor then orders the step-size kernels one after another (a
+    false dependency through that memory), about +20% on a two-thread
+    optimizer step at 54 multipliers (``benchmarks/jax_constants.py``,
+    ``cond_kept``). Read again at the end, they stay alive and nothing is put
+    there. ``variable * (1 + 0 * min)`` is ``variable`` exactly: the
+    multipliers are finite numbers >= 0, so the factor is exactly 1 (were
+    they all inf in the learning rate's dtype, every rate is inf already).
+    """
+    import jax.numpy as jnp
+
+    factor = 1 + 0 * functools.reduce(jnp.minimum, opaque.values())
+    variable.assign(variable * jnp.asarray(factor, variable.dtype))
 
 
 # --- weight decay -----------------------------------------------------------------------
