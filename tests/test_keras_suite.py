@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import keras
-import pytest
 
 from conftest import BACKEND
 

@@ -15,7 +15,6 @@ gradient accumulation).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
