@@ -181,7 +181,7 @@ def install(
             step_cache["opaque"] = _keras.opaque_constants(constants, learning_rate)
         try:
             result = originals["backend_update_step"](grads, variables, learning_rate)
-            if step_cache.get("opaque"):
+            if step_cache.get("opaque") and variables:
                 # The first variable's gradient comes last in backpropagation,
                 # so its update is among the last operations of a training step.
                 _keras.hold_until_updated(step_cache["opaque"], variables[0])
