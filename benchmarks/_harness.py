@@ -54,9 +54,8 @@ class Runner:
     def first_call(self, factory, *args) -> tuple[float, object]:
         """Seconds from a fresh function to its first result (trace + compile + run)."""
         # Every contender starts with the same garbage collector state: the
-        # process holds every earlier compiled step, so a full collection
-        # that happens to fall inside one contender's trace costs it up to a
-        # third of a second that has nothing to do with its own code.
+        # process holds every earlier compiled step, and a full collection
+        # falling inside one contender's trace is not that contender's cost.
         gc.collect()
         start = time.perf_counter()
         fn = factory()

@@ -181,7 +181,7 @@ def _variant(kind):
 def keras_part(rounds: int) -> None:
     import jax
 
-    kinds = ["plain", "layerlr", "layerlr_folded", "multi"]
+    kinds = ["plain", "layerlr", "layerlr_unheld", "layerlr_folded", "multi"]
     runners = _keras_runners(kinds)
 
     def first_call(kind):

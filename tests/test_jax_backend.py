@@ -177,10 +177,23 @@ def test_multipliers_are_compile_time_constants_of_the_jitted_step():
     assert head / d1 == pytest.approx(10.0, rel=1e-3)
 
 
+def jitted_stateless_steps(opt, model, steps):
+    """``steps`` calls of ``jax.jit(opt.stateless_apply)`` with fixed gradients; the weights."""
+    import jax
+
+    opt.build(model)
+    apply = jax.jit(opt.stateless_apply)
+    trainable = [v.value for v in model.trainable_variables]
+    opt_vars = [v.value for v in opt.variables]
+    grads = [keras.ops.ones_like(v) * (i + 1) for i, v in enumerate(trainable)]
+    for _ in range(steps):
+        trainable, opt_vars = apply(opt_vars, grads, trainable)
+    return [np.asarray(t) for t in trainable]
+
+
 def test_distinct_constant_multipliers_reach_the_jitted_step_as_the_same_values(monkeypatch):
     """Two or more distinct constants are read at run time (one XLA kernel for their
     step sizes, not one each) and train bit-identically to the constants folded in."""
-    import jax
 
     from layerlr.core import _keras as _backend
 
@@ -197,14 +210,7 @@ def test_distinct_constant_multipliers_reach_the_jitted_step_as_the_same_values(
         monkeypatch.setattr(_backend, "opaque_constants", spy if read_at_run_time else (lambda *a: None))
         model = models[read_at_run_time]
         opt = layerlr.LayerwiseOptimizer(keras.optimizers.Adam(0.01), lr_mult=LR_RULES)
-        opt.build(model)
-        apply = jax.jit(opt.stateless_apply)
-        trainable = [v.value for v in model.trainable_variables]
-        opt_vars = [v.value for v in opt.variables]
-        grads = [keras.ops.ones_like(v) * (i + 1) for i, v in enumerate(trainable)]
-        for _ in range(4):
-            trainable, opt_vars = apply(opt_vars, grads, trainable)
-        return [np.asarray(t) for t in trainable]
+        return jitted_stateless_steps(opt, model, steps=4)
 
     folded = train(False)
     at_run_time = train(True)
@@ -234,20 +240,12 @@ def test_distinct_constant_multipliers_stay_folded_off_cpu(monkeypatch):
 def test_the_variable_that_holds_the_run_time_constants_is_left_exactly_as_its_update_makes_it():
     """The first variable also reads the run-time constants (``_keras.hold_until_updated``):
     frozen by ``lr_mult=0`` it stays bit-identical, and the others train as before."""
-    import jax
-
     model = make_model()
     first = model.trainable_variables[0].path
     opt = layerlr.LayerwiseOptimizer(
         keras.optimizers.Adam(0.01), lr_mult=[(first, 0.0)] + LR_RULES[1:] + [("d1/bias", 0.25)]
     )
-    opt.build(model)
-    before = np.asarray(model.trainable_variables[0].value)
-    apply = jax.jit(opt.stateless_apply)
-    trainable = [v.value for v in model.trainable_variables]
-    opt_vars = [v.value for v in opt.variables]
-    grads = [keras.ops.ones_like(v) * (i + 1) for i, v in enumerate(trainable)]
-    for _ in range(3):
-        trainable, opt_vars = apply(opt_vars, grads, trainable)
-    assert np.array_equal(np.asarray(trainable[0]), before)
-    assert not np.array_equal(np.asarray(trainable[1]), np.asarray(model.trainable_variables[1].value))
+    before = [np.asarray(v.value) for v in model.trainable_variables]
+    trained = jitted_stateless_steps(opt, model, steps=3)
+    assert np.array_equal(trained[0], before[0])
+    assert not np.array_equal(trained[1], before[1])
