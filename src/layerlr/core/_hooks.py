@@ -177,14 +177,16 @@ def install(
         if late_state and not (fused and not _keras.torch_compiling()):
             advance_late_state(inner, late_state)
         step_cache = {}
-        if len(constants) > 1:
-            step_cache["opaque"] = _keras.opaque_constants(constants, learning_rate)
+        # A local name: under tf.distribute each replica runs this in its own
+        # thread, and another replica's `finally` may reset `step_cache` first.
+        opaque = _keras.opaque_constants(constants, learning_rate) if len(constants) > 1 else None
+        step_cache["opaque"] = opaque
         try:
             result = originals["backend_update_step"](grads, variables, learning_rate)
-            if step_cache.get("opaque") and variables:
+            if opaque and variables:
                 # The first variable's gradient comes last in backpropagation,
                 # so its update is among the last operations of a training step.
-                _keras.hold_until_updated(step_cache["opaque"], variables[0])
+                _keras.hold_until_updated(opaque, variables[0])
             return result
         finally:
             step_cache = None
