@@ -1,6 +1,6 @@
 """JAX: what 54 distinct constant multipliers cost XLA:CPU to compile, and the fix.
 
-Two parts, both interleaved (random order each round), medians and paired
+Three parts, all interleaved (random order each round), medians and paired
 ratios to plain:
 
 ``--part xla``: plain JAX, no Keras. An Adam step over the 54 variable shapes of
@@ -22,8 +22,9 @@ step's time (state donated) and the largest difference from ``folded``.
 
 ``--part keras``: the benchmark harness' full JAX training step of `tfm_pv`
 (forward, gradients, optimizer), fresh ``jax.jit`` each time, split into trace
-(``.lower()``) and XLA compile, for plain Adam, layerlr, layerlr with the
-multipliers folded as constants (the code before) and MultiOptimizer.
+(``.lower()``) and XLA compile, for plain Adam, layerlr, layerlr without the
+read at the end (``layerlr_unheld``), layerlr with the multipliers folded as
+constants (the code before issue 13) and MultiOptimizer.
 
 ``--part step``: the harness' optimizer-only step (fixed gradients, state
 donated), compiled once, timed in interleaved rounds: plain, layerlr,
