@@ -382,7 +382,9 @@ class LayerwiseOptimizer(_Wrapper):
                 _state.rebuild(inner, var_list)
             self._install(entries, model)
         elif new:
-            entries = self._keep_or_resolve([*_keras.trainable_variables(inner), *new], model)
+            entries = self._layerlr.resolved + self._starting_now(
+                self._multipliers_of(new, model, check_unused=False)
+            )
             with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
                 _state.grow(inner, new)
             self._install(entries, model)
@@ -395,21 +397,24 @@ class LayerwiseOptimizer(_Wrapper):
         super().build(var_list)
         follow_outer_loss_scale(model, self)
 
-    def _keep_or_resolve(self, variables, model) -> tuple[VariableMultipliers, ...]:
+    def _keep_or_resolve(self, variables, model, *, starting_now: bool = True) -> tuple[VariableMultipliers, ...]:
         """Each variable's entry: kept if the inner optimizer trains it, else from the rules.
 
-        Only new variables are resolved, starting now: the others keep the
-        multipliers they trained with (saved ones included), and the rules
-        were checked as a whole when first built.
+        Only new variables are resolved, starting now unless ``starting_now``
+        is False (loading: the saved start steps replace them): the others
+        keep the multipliers they trained with (saved ones included), and the
+        rules were checked as a whole when first built.
         """
         inner = self.inner_optimizer
         known = {
             _keras.var_key(inner, v): e
             for v, e in zip(_keras.trainable_variables(inner), self._layerlr.resolved)
         }
-        new = [v for v in variables if _keras.var_key(inner, v) not in known]
-        fresh = iter(self._starting_now(self._multipliers_of(new, model, check_unused=False)) if new else ())
-        return tuple(known.get(_keras.var_key(inner, v)) or next(fresh) for v in variables)
+        keys = [_keras.var_key(inner, v) for v in variables]
+        new = [v for v, key in zip(variables, keys) if key not in known]
+        fresh = self._multipliers_of(new, model, check_unused=False) if new else ()
+        fresh = iter(self._starting_now(fresh) if starting_now else fresh)
+        return tuple(known.get(key) or next(fresh) for key in keys)
 
     def _knows(self, variable) -> bool:
         return _keras.knows(self.inner_optimizer, variable)
@@ -552,13 +557,13 @@ class LayerwiseOptimizer(_Wrapper):
         if not known:
             resolved, ordered = self._resolve(trained, model)
             entries = {id(v): e for v, e in zip(ordered, resolved)}
-        unseen = [v for v in trained + frozen if id(v) not in entries]
+        candidates, frozen_ids = trained + frozen, {id(v) for v in frozen}
+        unseen = [v for v in candidates if id(v) not in entries]
         if unseen:
-            entries.update(self._from_rules(unseen, [v for v in trained + frozen if id(v) in entries],
-                                            {id(v) for v in frozen}, model))
+            entries.update(self._from_rules(unseen, [v for v in candidates if id(v) in entries],
+                                            frozen_ids, model))
         step = self.iterations
         base_lr = float(_keras.eager_value(self.learning_rate))
-        frozen_ids = {id(v) for v in frozen}
 
         def assignment(variable) -> Assignment:
             entry = entries.get(id(variable))
@@ -579,7 +584,7 @@ class LayerwiseOptimizer(_Wrapper):
                 if is_trained and entry is not None else None,
             )
 
-        return [assignment(v) for v in trained + frozen]
+        return [assignment(v) for v in candidates]
 
     def _known_entries(self) -> dict[int, VariableMultipliers]:
         """What the built optimizer resolved, by id of the variable."""
@@ -873,7 +878,9 @@ class LayerwiseOptimizer(_Wrapper):
             )
         entries = tuple(
             dataclasses.replace(entry, start_step=int(start))
-            for entry, start in zip(self._keep_or_resolve(ordered, model), record["start_steps"])
+            for entry, start in zip(
+                self._keep_or_resolve(ordered, model, starting_now=False), record["start_steps"]
+            )
         )
         with tracking_on(), outside_compiled_step(), _keras.strategy_scope(inner):
             _state.rebuild(inner, ordered)

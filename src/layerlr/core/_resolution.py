@@ -181,11 +181,7 @@ def match_in_model(
     """
     frozen = _keras.frozen_weights(model) if model is not None and frozen_too else ()
     if saved_structures is not None and model is not None:
-        owners = _keras.layers_of_model(model)
-        ordered = match_saved(
-            saved_structures, variables, frozen,
-            path_of=lambda v: _rules.structural_path(v, owners.get(id(v), ())),
-        )
+        ordered = match_saved(saved_structures, variables, frozen, path_of=structure_lookup(model))
     else:
         ordered = match_saved(saved_paths, variables, frozen)
     if isinstance(ordered, str) and len(saved_paths) != len(variables):

@@ -533,29 +533,35 @@ class Rule:
         return self.selector.describe()
 
 
+def selector_pairs(spec, name: str, value: str) -> list:
+    """``spec`` as a list of (selector, value) pairs: a mapping's items, or a list of pairs.
+
+    ``name`` (the argument) and ``value`` (what a selector maps to) go into the errors.
+    """
+    if isinstance(spec, Mapping):
+        return list(spec.items())
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
+        raise TypeError(
+            f"{name} must be a dict {{selector: {value}}} or a list of "
+            f"(selector, {value}) pairs, got {type(spec).__name__}: {spec!r}."
+        )
+    items = list(spec)
+    for i, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{name}[{i}] must be a (selector, {value}) pair, got {item!r}.")
+    return items
+
+
 def parse_rules(spec: RuleSpec, kind: str) -> tuple[Rule, ...]:
     """Turns ``{selector: value}`` or ``[(selector, value), ...]`` into rules."""
     if spec is None:
         return ()
-    if isinstance(spec, Mapping):
-        items = list(spec.items())
-    elif isinstance(spec, (set, frozenset)):
+    if isinstance(spec, (set, frozenset)):
         raise TypeError(
             f"{kind} must be ordered (the first matching rule wins), got a "
             f"{type(spec).__name__}: use a dict or a list of (selector, multiplier) pairs."
         )
-    elif isinstance(spec, (str, bytes)) or not isinstance(spec, Iterable):
-        raise TypeError(
-            f"{kind} must be a dict {{selector: multiplier}} or a list of "
-            f"(selector, multiplier) pairs, got {type(spec).__name__}: {spec!r}."
-        )
-    else:
-        items = list(spec)
-        for i, item in enumerate(items):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(
-                    f"{kind}[{i}] must be a (selector, multiplier) pair, got {item!r}."
-                )
+    items = selector_pairs(spec, kind, "multiplier")
     rules = []
     for selector, value in items:
         sel = make_selector(selector)

@@ -19,7 +19,7 @@ dispatch, state, callbacks); the subclass only adds two things:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 import keras
@@ -65,20 +65,7 @@ def _check_optimizer(optimizer, what: str) -> keras.optimizers.Optimizer:
 
 
 def _parse_groups(groups) -> list[tuple[_rules._Selector, keras.optimizers.Optimizer]]:
-    if isinstance(groups, Mapping):
-        items = list(groups.items())
-    elif isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
-        raise TypeError(
-            "groups must be a dict {selector: optimizer} or a list of "
-            f"(selector, optimizer) pairs, got {type(groups).__name__}: {groups!r}."
-        )
-    else:
-        items = list(groups)
-        for i, item in enumerate(items):
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(
-                    f"groups[{i}] must be a (selector, optimizer) pair, got {item!r}."
-                )
+    items = _rules.selector_pairs(groups, "groups", "optimizer")
     if not items:
         raise ValueError(
             "multi_optimizer needs at least one (selector, optimizer) group; with "

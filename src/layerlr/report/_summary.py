@@ -235,8 +235,8 @@ def _schedule_text(value: Multiplier) -> str | None:
 
 def _unused_rule_notes(opt: LayerwiseOptimizer, assignments: Sequence[Assignment]) -> list[str]:
     notes = []
+    entries = [(a.trained, a.multipliers) for a in assignments if a.multipliers is not None]
     for kind, rules in (("lr_mult", opt.lr_rules), ("decay_mult", opt.decay_rules)):
-        entries = [(a.trained, a.multipliers) for a in assignments if a.multipliers is not None]
         keys = [(trained, _rule_key(e, kind, rules)) for trained, e in entries]
         deciding = {key for trained, key in keys if trained}
         frozen_only = {key for trained, key in keys if not trained}
