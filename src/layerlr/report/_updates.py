@@ -223,20 +223,17 @@ class Snapshot:
     moments: dict[int, np.ndarray]  # first moments, where the optimizer has one
 
 
-def _moment_variable(holder, variable):
-    spec = _keras.first_moment_slots(holder)
-    if spec is None or spec[0] is None or not _keras.knows(holder, variable):
-        return None
-    return spec[0][_keras.variable_index(holder, variable)]
-
-
 def _moments_of(layout: Layout, variables) -> dict[int, object]:
-    """The first-moment slot variable of each variable, where its optimizer has one."""
+    """The first-moment slot variable of each variable, where its optimizer has one
+    (None while that optimizer has not built the variable's slot)."""
     slots = {}
     for v in variables:
         holder = layout.holders.get(id(v))
-        if holder is not None and _keras.first_moment_slots(holder) is not None:
-            slots[id(v)] = _moment_variable(holder, v)  # None: not built yet
+        spec = None if holder is None else _keras.first_moment_slots(holder)
+        if spec is None:
+            continue
+        built = spec[0] is not None and _keras.knows(holder, v)
+        slots[id(v)] = spec[0][_keras.variable_index(holder, v)] if built else None
     return slots
 
 
