@@ -162,9 +162,11 @@ def build_layout(model, groups: str | None) -> Layout:
             layer_names[layer_id] = name
         names = [(v, layer_names[id(layer)]) for v, layer in pairs]
     elif isinstance(optimizer, LayerwiseOptimizer):
-        report = _summary._collect(optimizer, model)
+        by_id = {id(a.variable): a.multipliers for a in optimizer.resolve(model)}
+        entries = [by_id.get(id(v)) for v, _ in pairs]
         names = [
-            (v, row.group or _summary.DEFAULT_GROUP) for v, row in zip(report.variables, report.rows)
+            (v, name or _summary.DEFAULT_GROUP)
+            for (v, _), name in zip(pairs, _summary._group_names(optimizer, entries))
         ]
     elif isinstance(optimizer, keras.optimizers.MultiOptimizer):
         subs = list(optimizer.optimizers)
