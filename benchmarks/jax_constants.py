@@ -220,28 +220,22 @@ def keras_part(rounds: int) -> None:
 
 
 def step_part(rounds: int) -> None:
-    import jax
-
     kinds = ["plain", "layerlr", "layerlr_unheld", "layerlr_folded", "multi"]
     runners = _keras_runners(kinds)
     grads = runners["plain"].gradients()
-    compiled = {}
+    steps = {}
     for kind, run in runners.items():
-        with _variant(kind):  # the harness' optimizer-only step, compiled once
-            compiled[kind] = jax.jit(
-                lambda tv, ov, g, run=run: run._stateless_apply(ov, g, tv), donate_argnums=(0, 1)
-            ).lower(run.state[0], run.state[2], grads).compile()
+        steps[kind] = run.new_opt_step(grads)  # the harness' optimizer-only step
+        with _variant(kind):
+            steps[kind]()  # traced and compiled here, with the variant's patches
     step_s = {k: [] for k in kinds}
     for _ in range(10 * rounds):
         for kind in random.sample(kinds, len(kinds)):
-            run, times = runners[kind], []
+            times = []
             for _ in range(5):
-                tv, ntv, ov = run.state
                 start = time.perf_counter()
-                tv, ov = compiled[kind](tv, ov, grads)
-                jax.block_until_ready(tv[-1])
+                steps[kind]()
                 times.append(time.perf_counter() - start)
-                run.state = (tv, ntv, ov)
             step_s[kind].append(statistics.median(times))
     print(f"Keras, tfm_pv optimizer step (54 distinct multipliers), {10 * rounds} rounds:")
     for kind in kinds:
